@@ -1,0 +1,136 @@
+"""Command line: ``deepcluster train|...``. The only place that parses arguments.
+
+Configuration is resolved here once (defaults <- --preset <- --config FILE.yaml <-
+flags) and passed down as a typed :class:`~deepcluster.config.Config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, ConfigError, resolve
+
+logger = logging.getLogger("deepcluster")
+
+# flag -> (section, key); a flag left at None does not override the file/preset.
+TRAIN_FLAGS: dict[str, tuple[str, str]] = {
+    "data": ("data", "name"), "data_root": ("data", "root"), "split": ("data", "split"),
+    "image_size": ("data", "image_size"), "subset": ("data", "subset"),
+    "arch": ("model", "arch"), "sobel": ("model", "sobel"), "width": ("model", "width"), "fc_dim": ("model", "fc_dim"),
+    "clustering": ("cluster", "method"), "k": ("cluster", "k"), "pca_dim": ("cluster", "pca_dim"),
+    "kmeans": ("cluster", "backend"), "kmeans_iters": ("cluster", "niter"), "pca_sample": ("cluster", "pca_sample"),
+    "pic_sigma": ("cluster", "pic_sigma"),
+    "epochs": ("optim", "epochs"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
+    "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"), "balance": ("optim", "balance"),
+    "output_dir": ("run", "output_dir"), "device": ("run", "device"), "seed": ("run", "seed"),
+    "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
+    "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
+}
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train DeepCluster", description="Train DeepCluster: alternate k-means on the "
+                       "network's features and training on the cluster assignments.")
+    p.add_argument("--config", help="YAML file with sections data/model/cluster/optim/run (flags override it)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named set of defaults (paper: the paper's settings)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="fashion-mnist (default), mnist, cifar10, stl10 or folder")
+    g.add_argument("--data-root", help="folder of the data set's files (required for folder/cifar10/stl10)")
+    g.add_argument("--split", help="split to train on (stl10: train, unlabeled, train+unlabeled)")
+    g.add_argument("--image-size", type=int, help="network input side (default per data set: 28 for Fashion-MNIST)")
+    g.add_argument("--subset", type=int, help="use a fixed random subset of this many images (quick runs)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help="alexnet_small (default, 28-64 px), alexnet (224 px) or vgg16")
+    g.add_argument("--no-sobel", dest="sobel", action="store_const", const=False, help="feed raw RGB instead of Sobel")
+    g.add_argument("--width", type=float, help="alexnet_small channel multiplier (default 0.5)")
+    g.add_argument("--fc-dim", type=int, help="width of fc6/fc7")
+    g = p.add_argument_group("clustering")
+    g.add_argument("--clustering", choices=["kmeans", "pic"], help="kmeans (default) or pic")
+    g.add_argument("--k", type=int, help="number of clusters; some over-segmentation helps (paper: 10k on ImageNet)")
+    g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
+    g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
+    g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
+    g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all)")
+    g.add_argument("--pic-sigma", type=float, help="PIC Gaussian bandwidth (default 0.2)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="SGD learning rate (paper: 0.05, constant)")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--balance", choices=["sampler", "weight", "none"],
+                   help="against trivial parametrisation: uniform sampling over clusters (default) or loss weights")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", help="run directory (config.yaml, metrics.jsonl, checkpoint.pt, ...)")
+    g.add_argument("--device", help="cpu or cuda")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--workers", type=int, help="data-loading worker processes (default 2)")
+    g.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels: exact resume")
+    g.add_argument("--resume", action="store_const", const=True,
+                   help="continue the run in --output-dir (its config.yaml is the base; flags override it)")
+    g.add_argument("--eval-every", type=int, help="kNN probe on a held-out part every N epochs")
+    g.add_argument("--tensorboard", action="store_const", const=True, help="write TensorBoard scalars and images")
+    p.set_defaults(func=cmd_train)
+
+
+def flags_to_overrides(args: argparse.Namespace, table: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for flag, (section, key) in table.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    overrides = flags_to_overrides(args, TRAIN_FLAGS)
+    config_file = args.config
+    if args.resume and not config_file:
+        out = overrides.get("run", {}).get("output_dir")
+        if out and (Path(out) / "config.yaml").exists():
+            config_file = str(Path(out) / "config.yaml")  # resume with the run's own settings
+    cfg = resolve(args.preset, config_file, overrides)
+    train(cfg)
+    logger.info("done: %s (metrics.jsonl, nmi.png, checkpoint.pt)", cfg.run.output_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepcluster", description="DeepCluster: unsupervised convnet features.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as e:
+        code = 143 if e.args and e.args[0] == 15 else 130
+        out = getattr(args, "output_dir", None) or "RUN_DIR"
+        print(f"deepcluster: interrupted; the last complete epoch is saved — continue with "
+              f"`deepcluster train --output-dir {out} --resume`", file=sys.stderr)
+        return code
+    except (ValueError, RuntimeError, OSError) as e:
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"deepcluster: error: {msg}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

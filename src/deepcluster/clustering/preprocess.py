@@ -1,0 +1,112 @@
+"""PCA-whitening and L2 normalisation of the features before clustering.
+
+Paper, Section 3.3 / original code: features are PCA-reduced to 256 dimensions,
+whitened (eigenvalues raised to the power -0.5) and L2-normalised before k-means.
+The transform is *fitted* on a sample and *applied* batch by batch, so the full-width
+features never need to be held for the whole data set (see ``fit``/``transform``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero): ``(N, D) -> (N, D)``."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, eps)
+
+
+class PCAWhitening:
+    """PCA to ``dim`` components, optional whitening, optional row L2 normalisation.
+
+    Args:
+        dim: number of principal components kept (paper: 256). Clamped to the rank the
+            fitting sample allows (``min(D, n - 1)``), with a log message.
+        whiten: divide each component by ``sqrt(eigenvalue + eps)`` (eigen power -0.5).
+        normalize: L2-normalise each output row.
+        eps: added to the eigenvalues before whitening, relative to the largest one, so
+            that near-null directions are not blown up into noise.
+    """
+
+    def __init__(self, dim: int = 256, whiten: bool = True, normalize: bool = True, eps: float = 1e-6) -> None:
+        if dim < 1:
+            raise ValueError(f"PCA dim must be >= 1, got {dim}")
+        self.dim = dim
+        self.whiten = whiten
+        self.normalize = normalize
+        self.eps = eps
+        self.mean: np.ndarray | None = None  # (D,)
+        self.projection: np.ndarray | None = None  # (D, dim), whitening folded in
+        self.eigenvalues: np.ndarray | None = None  # (dim,)
+
+    @property
+    def fitted(self) -> bool:
+        return self.projection is not None
+
+    def fit(self, x: np.ndarray) -> "PCAWhitening":
+        """Fit on a sample ``(n, D)``; the covariance is accumulated in float64."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"PCA needs a 2-D sample with at least 2 rows, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).any(1).sum())
+            raise ValueError(f"features contain NaN or Inf in {bad} rows; the network has diverged")
+        n, d = x.shape
+        dim = min(self.dim, d, n - 1)
+        if dim < self.dim:
+            logger.info("PCA dim %d clamped to %d (feature dim %d, %d samples)", self.dim, dim, d, n)
+        mean = x.mean(0, dtype=np.float64)
+        cov = np.zeros((d, d), dtype=np.float64)
+        for start in range(0, n, 8192):  # chunked so the float64 copy stays small
+            xc = x[start:start + 8192].astype(np.float64) - mean
+            cov += xc.T @ xc
+        cov /= n - 1
+        eigval, eigvec = np.linalg.eigh(cov)  # ascending
+        order = np.argsort(eigval)[::-1][:dim]
+        eigval = np.clip(eigval[order], 0.0, None)
+        eigvec = eigvec[:, order]
+        # Fix each component's sign (largest-magnitude loading positive) for reproducibility.
+        signs = np.sign(eigvec[np.abs(eigvec).argmax(0), np.arange(dim)])
+        eigvec = eigvec * np.where(signs == 0, 1.0, signs)
+        proj = eigvec
+        if self.whiten:
+            proj = eigvec / np.sqrt(eigval + self.eps * max(eigval.max(), 1e-30))
+        self.mean = mean.astype(np.float32)
+        self.projection = proj.astype(np.float32)
+        self.eigenvalues = eigval.astype(np.float32)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Project ``(N, D) -> (N, dim)`` float32 (whitened and normalised as configured)."""
+        if not self.fitted:
+            raise RuntimeError("PCAWhitening.transform called before fit")
+        y = (np.asarray(x, dtype=np.float32) - self.mean) @ self.projection
+        return l2_normalize(y) if self.normalize else y
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        return self.fit(x).transform(x)
+
+    def state_dict(self) -> dict[str, object]:
+        """Tensors and plain values only, so it loads with ``torch.load(weights_only=True)``."""
+        if not self.fitted:
+            raise RuntimeError("PCAWhitening is not fitted")
+        return {
+            "dim": self.projection.shape[1], "whiten": self.whiten, "normalize": self.normalize,
+            "eps": self.eps, "mean": torch.from_numpy(self.mean),
+            "projection": torch.from_numpy(self.projection),
+            "eigenvalues": torch.from_numpy(self.eigenvalues),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> "PCAWhitening":
+        pca = cls(int(state["dim"]), bool(state["whiten"]), bool(state["normalize"]), float(state["eps"]))
+        pca.mean = state["mean"].numpy()
+        pca.projection = state["projection"].numpy()
+        pca.eigenvalues = state["eigenvalues"].numpy()
+        return pca

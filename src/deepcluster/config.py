@@ -1,0 +1,246 @@
+"""Typed configuration: dataclasses, YAML in and out, strict validation.
+
+A run is described by one :class:`Config` (five sections). It is resolved once at the
+CLI edge (defaults <- preset <- ``--config FILE.yaml`` <- flags) and written to the run
+directory as ``config.yaml``; library functions take explicit arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    """fashion-mnist, mnist, cifar10, stl10 or folder."""
+    root: str | None = None
+    """Where the data set's files are (required for folder, cifar10, stl10)."""
+    split: str = "train"
+    """Split clustered and trained on (stl10: train, unlabeled, train+unlabeled)."""
+    image_size: int | None = None
+    """Side of the square network input; default per data set (28 for (Fashion-)MNIST)."""
+    subset: int | None = None
+    """Train on a fixed random subset of this many images (quick runs, tests)."""
+    download: bool = True
+    """Allow torchvision's download when the files are nowhere on disk."""
+    max_bad_fraction: float = 0.5
+    """A folder with more unreadable images than this fraction is an error."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "alexnet_small"
+    """Registered architecture: alexnet, alexnet_small, vgg16."""
+    sobel: bool = True
+    """Fixed grayscale + Sobel front end (paper); False feeds raw RGB."""
+    dropout: float = 0.5
+    width: float | None = None
+    """alexnet_small only: channel multiplier of the paper's widths (default 0.5)."""
+    fc_dim: int | None = None
+    """Width of fc6/fc7 (default: 4096 for alexnet/vgg16, 1024 for alexnet_small)."""
+
+
+@dataclass
+class ClusterConfig:
+    method: str = "kmeans"
+    """kmeans or pic."""
+    k: int = 100
+    """Number of k-means clusters (paper: 10,000 for ImageNet's 1.3M images)."""
+    pca_dim: int = 256
+    whiten: bool = True
+    niter: int = 20
+    backend: str = "faiss"
+    """k-means backend: faiss, faiss-gpu or torch."""
+    pca_sample: int | None = None
+    """Images used to fit the PCA (default: all when they fit, see docs)."""
+    pic_sigma: float = 0.2
+    pic_neighbors: int = 5
+    pic_iters: int = 200
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 5
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    balance: str = "sampler"
+    """sampler (uniform over clusters, paper), weight (loss / cluster size) or none."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop scale range of the training augmentation."""
+    hflip: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/deepcluster"
+    device: str = "cpu"
+    seed: int = 0
+    workers: int = 2
+    deterministic: bool = False
+    resume: bool = False
+    eval_every: int = 0
+    """Run the kNN probe on a held-out part every N epochs (0: never)."""
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = "paper"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["crop_scale"] = list(d["optim"]["crop_scale"])
+        return d
+
+
+# Presets: overrides of the defaults, by section. ``paper`` is the paper's settings.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+}
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """``value`` converted to ``tp`` where lossless (int -> float, list -> tuple), else error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, where) for v, a in zip(value, args))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {section}.{key}; valid keys: {sorted(names)}")
+        out[key] = _check_type(value, hints[key], f"{section}.{key}")
+    return cls(**out)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Strictly validated :class:`Config` from nested dicts (unknown keys are errors)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in sections:
+            raise ConfigError(f"unknown config section {key!r}; valid: {sorted(sections)}")
+        if key == "preset":
+            kwargs[key] = _check_type(value, str, "preset")
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+        kwargs[key] = _section_from_dict(typing.get_type_hints(Config)[key], value, key)
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict ``base`` updated by ``override`` (sections merged key by key)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve(preset: str | None = None, file: str | Path | None = None,
+            overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Defaults <- preset <- YAML file <- overrides (e.g. command-line flags)."""
+    d = Config().to_dict()
+    file_d: dict[str, Any] = load_yaml(file) if file else {}
+    preset = preset or file_d.get("preset") or "paper"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    d = merge(d, PRESETS[preset])
+    d = merge(d, file_d)
+    d = merge(d, overrides or {})
+    d["preset"] = preset
+    return config_from_dict(d)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express; each failure names the key."""
+    checks = [
+        (cfg.cluster.k >= 1, "cluster.k must be >= 1"),
+        (cfg.cluster.pca_dim >= 1, "cluster.pca_dim must be >= 1"),
+        (cfg.cluster.niter >= 1, "cluster.niter must be >= 1"),
+        (cfg.cluster.method in ("kmeans", "pic"), f"cluster.method must be kmeans or pic, got {cfg.cluster.method!r}"),
+        (cfg.cluster.backend in ("faiss", "faiss-gpu", "torch"), f"cluster.backend must be faiss, faiss-gpu or torch, got {cfg.cluster.backend!r}"),
+        (cfg.cluster.pic_sigma > 0, "cluster.pic_sigma must be > 0"),
+        (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
+        (cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.balance in ("sampler", "weight", "none"), f"optim.balance must be sampler, weight or none, got {cfg.optim.balance!r}"),
+        (0 < cfg.optim.crop_scale[0] <= cfg.optim.crop_scale[1] <= 1, "optim.crop_scale must satisfy 0 < min <= max <= 1"),
+        (cfg.run.workers >= 0, "run.workers must be >= 0"),
+        (cfg.run.device.split(":")[0] in ("cpu", "cuda"), f"run.device must be cpu or cuda, got {cfg.run.device!r}"),
+        (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),
+        (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return d
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

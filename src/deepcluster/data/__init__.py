@@ -1,0 +1,123 @@
+"""Data sets returning ``(image, index)``, transforms, and the cluster-balanced sampler.
+
+``build_source(name, root, split)`` finds the images; ``IndexedDataset(source,
+transform)`` is what the training loop iterates: features are stored by data-set index,
+never by batch position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
+from .sources import DataError, FolderSource, ImageSource, TorchvisionSource, cifar10, mnist_like, stl10
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec, cluster_transform, train_transform
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "stl10", "folder")
+
+_SPECS = {
+    "fashion-mnist": ImageSpec(28, 28, (0.2860,) * 3, (0.3530,) * 3),
+    "mnist": ImageSpec(28, 28, (0.1307,) * 3, (0.3081,) * 3),
+    "cifar10": ImageSpec(32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "stl10": ImageSpec(96, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+
+
+def image_spec(name: str, image_size: int | None = None) -> ImageSpec:
+    """Sizes and normalisation for data set ``name``; ``image_size`` overrides the size.
+
+    Folders default to 224 px (resize 256, crop 224) with ImageNet statistics; for
+    small images pass ``image_size`` (e.g. 64 with ``alexnet_small``).
+    """
+    if name in _SPECS:
+        spec = _SPECS[name]
+        if image_size and image_size != spec.size:
+            return ImageSpec(image_size, image_size, spec.mean, spec.std)
+        return spec
+    size = image_size or 224
+    return ImageSpec(size, size if size < 128 else round(size * 256 / 224))
+
+
+def build_source(name: str, root: str | None = None, split: str = "train", download: bool = True,
+                 max_bad_fraction: float = 0.5) -> ImageSource:
+    """The images of data set ``name`` (one of ``DATASETS``) for ``split``.
+
+    ``split`` is ``train`` or ``test`` (``stl10`` also ``unlabeled`` and
+    ``train+unlabeled``); ``folder`` ignores it and reads ``root``.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {list(DATASETS)}")
+    if name in ("fashion-mnist", "mnist"):
+        return mnist_like(name, root, split == "train", download)
+    if name == "cifar10":
+        return cifar10(root, split == "train", download)
+    if name == "stl10":
+        return stl10(root, split, download)
+    if not root:
+        raise DataError("--data folder needs --data-root DIR, the folder of images")
+    return FolderSource(root, max_bad_fraction=max_bad_fraction)
+
+
+class IndexedDataset(Dataset):
+    """``source`` with ``transform``; item ``i`` is ``(transform(image_i), i)``."""
+
+    def __init__(self, source: ImageSource, transform) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.source.load(index)), index
+
+
+class LabelledDataset(Dataset):
+    """``source`` with ``transform`` and labels; item ``i`` is ``(image, label)``.
+
+    ``labels`` overrides the source's (pseudo-labels, or a subset's labels).
+    """
+
+    def __init__(self, source: ImageSource, transform, labels: np.ndarray | None = None,
+                 indices: np.ndarray | None = None) -> None:
+        labels = source.labels if labels is None else labels
+        if labels is None:
+            raise DataError(f"data set {source.name} has no labels; this needs a labelled data set")
+        self.source, self.transform = source, transform
+        self.labels = np.asarray(labels)
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        idx = int(self.indices[i])
+        return self.transform(self.source.load(idx)), int(self.labels[idx])
+
+
+class Subset(ImageSource):
+    """The images ``indices`` of ``source`` (a fixed random subset, say)."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray) -> None:
+        self.base = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.name = source.name
+        self.labels = None if source.labels is None else source.labels[self.indices]
+        self.paths = None if source.paths is None else [source.paths[i] for i in self.indices]
+        self.classes = source.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int):
+        return self.base.load(int(self.indices[index]))
+
+
+__all__ = [
+    "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
+    "IndexedDataset", "LabelledDataset", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
+    "balanced_plan", "build_source", "cluster_transform", "image_spec", "inverse_size_weights",
+    "train_transform",
+]

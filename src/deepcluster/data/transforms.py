@@ -1,0 +1,44 @@
+"""The two transforms of DeepCluster: clustering-time (deterministic) and training-time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a data set's images are sized and normalised.
+
+    ``resize`` is the side images are resized to before the ``size`` center crop at
+    clustering time (256 -> 224 for ImageNet-size images; equal to ``size`` for data
+    sets whose images already have their native size).
+    """
+
+    size: int
+    resize: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def cluster_transform(spec: ImageSpec) -> T.Compose:
+    """Resize + center crop, no randomness (features for clustering and evaluation)."""
+    return T.Compose([
+        T.Resize(spec.resize),
+        T.CenterCrop(spec.size),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True) -> T.Compose:
+    """Random resized crop + horizontal flip (the paper's training augmentation)."""
+    ops = [T.RandomResizedCrop(spec.size, scale=crop_scale)]
+    if hflip:
+        ops.append(T.RandomHorizontalFlip())
+    ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(ops)

@@ -1,0 +1,155 @@
+"""The network shape shared by every DeepCluster model.
+
+A model is ``[Sobel] -> features (conv stack) -> classifier (fc6, fc7) -> head``. The
+head is the only part that changes between epochs: ``reset_head`` replaces its weights
+in place (no layer is stripped or re-appended at run time, unlike the original code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .sobel import Sobel
+
+
+class DeepClusterNet(nn.Module):
+    """Convnet with a clustering-feature output and a resettable linear head.
+
+    Args:
+        features: the convolutional stack; input channels 2 with Sobel, else 3.
+        conv_layers: name -> index in ``features`` of the ReLU that ends that conv layer
+            (``conv1`` ... ``conv5``), used by the probes and visualisations.
+        feature_shape: ``(C, H, W)`` of the output of ``features`` for ``image_size``.
+        fc_dim: width of fc6 and fc7.
+        num_clusters: initial size of the head.
+        sobel: whether the fixed Sobel front end is used.
+        image_size: the side of the square input images this model was built for.
+        dropout: dropout probability before fc6 and fc7 (the paper uses dropout).
+    """
+
+    def __init__(
+        self,
+        features: nn.Sequential,
+        conv_layers: dict[str, int],
+        feature_shape: Sequence[int],
+        fc_dim: int,
+        num_clusters: int,
+        sobel: bool,
+        image_size: int,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.sobel = Sobel() if sobel else nn.Identity()
+        self.features = features
+        self.conv_layers = dict(conv_layers)
+        self.image_size = image_size
+        self.feature_dim = fc_dim
+        c, h, w = feature_shape
+        # fc7 is the clustering feature, taken *before* its ReLU as in the original.
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(c * h * w, fc_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(fc_dim, fc_dim),
+        )
+        self.head = nn.Linear(fc_dim, num_clusters)
+        self._init_weights()
+        self.reset_head(num_clusters)
+
+    def _init_weights(self) -> None:
+        # The original initialisation: He-style normal for convs, N(0, 0.01) for linears.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / n) ** 0.5)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.head.out_features
+
+    def reset_head(self, num_clusters: int, generator: torch.Generator | None = None) -> None:
+        """Replace the head by a fresh ``fc_dim -> num_clusters`` linear layer.
+
+        Weights N(0, 0.01), bias 0 (paper: a new classifier every epoch, since the
+        cluster indices of two epochs are unrelated). The parameters are new objects,
+        so optimisers holding the old head must be rebuilt.
+        """
+        if num_clusters < 1:
+            raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+        p = next(self.classifier.parameters())
+        head = nn.Linear(self.feature_dim, num_clusters, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            w = torch.randn(head.weight.shape, generator=generator, dtype=p.dtype) * 0.01
+            head.weight.copy_(w.to(p.device))
+            head.bias.zero_()
+        self.head = head
+
+    def forward_conv(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """ReLU'd activations of the named conv layers: name -> ``(B, C_l, H_l, W_l)``."""
+        unknown = [n for n in layers if n not in self.conv_layers]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {unknown}; this model has {list(self.conv_layers)}"
+            )
+        wanted = {self.conv_layers[n]: n for n in layers}
+        last = max(wanted)
+        out: dict[str, torch.Tensor] = {}
+        h = self.sobel(x)
+        for i, module in enumerate(self.features):
+            h = module(h)
+            if i in wanted:
+                out[wanted[i]] = h
+            if i == last:
+                break
+        return out
+
+    def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the conv stack: ``(B, 3, H, W) -> (B, C, h, w)``."""
+        return self.features(self.sobel(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Clustering features, fc7 before its ReLU: ``(B, 3, H, W) -> (B, fc_dim)``."""
+        return self.classifier(torch.flatten(self.forward_backbone(x), 1))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits over clusters from ``forward_features``' output: ``(B, fc_dim) -> (B, k)``."""
+        return self.head(torch.relu(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def conv_bn_relu(
+    layers: list[nn.Module], names: dict[str, int], name: str, cin: int, cout: int, k: int,
+    stride: int = 1, padding: int = 0,
+) -> None:
+    """Append conv + BN + ReLU to ``layers`` and record the ReLU's index as ``name``."""
+    layers += [nn.Conv2d(cin, cout, k, stride, padding), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    names[name] = len(layers) - 1
+
+
+def output_shape(features: nn.Module, in_channels: int, image_size: int) -> tuple[int, int, int]:
+    with torch.no_grad():
+        was_training = features.training
+        features.eval()
+        try:
+            out = features(torch.zeros(1, in_channels, image_size, image_size))
+        except RuntimeError:
+            out = torch.zeros(1, 1, 0, 0)
+        features.train(was_training)
+    if out.shape[-1] < 1 or out.shape[-2] < 1:
+        raise ValueError(f"image_size {image_size} is too small for this architecture; use a larger "
+                         "--image-size or --arch alexnet_small")
+    return tuple(out.shape[1:])  # type: ignore[return-value]

@@ -1,0 +1,40 @@
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("DEEPCLUSTER_CACHE", "/tmp/deepcluster-test-cache")
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the IDX format MNIST uses, gzipped."""
+    dims = array.shape
+    header = struct.pack(">HBB", 0, 0x08, len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_root(tmp_path_factory):
+    """A Fashion-MNIST-format data root with 240 train / 60 test synthetic images.
+
+    Each class is a bright square at a class-specific position, so labels are learnable.
+    """
+    root = tmp_path_factory.mktemp("tiny-fmnist")
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = np.arange(n) % 10
+        imgs = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r, col = 2 + (c // 5) * 12, 2 + (c % 5) * 5
+            imgs[i, r:r + 10, col:col + 5] = 220
+        return imgs, labels.astype(np.uint8)
+
+    for prefix, n in (("train", 240), ("t10k", 60)):
+        imgs, labels = make(n)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepcluster.data import (DataError, FolderSource, IndexedDataset, build_source, cluster_transform,
+                              image_spec, train_transform)
+
+
+def test_fashion_mnist_from_a_data_root_of_gz_files(tiny_mnist_root):
+    src = build_source("fashion-mnist", str(tiny_mnist_root), "train", download=False)
+    assert len(src) == 240 and src.labels[:3].tolist() == [0, 1, 2]
+    img = src.load(0)
+    assert img.mode == "RGB" and img.size == (28, 28)
+    ds = IndexedDataset(src, cluster_transform(image_spec("fashion-mnist")))
+    x, i = ds[17]
+    assert x.shape == (3, 28, 28) and i == 17
+    torch.testing.assert_close(ds[17][0], x)  # deterministic
+    test = build_source("fashion-mnist", str(tiny_mnist_root), "test", download=False)
+    assert len(test) == 60
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="mnist not found"):
+        build_source("mnist", str(tmp_path), download=False)
+    with pytest.raises(DataError, match="unknown data set"):
+        build_source("imagenet21k")
+
+
+def _save(path, mode, size=(20, 16)):
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 65535, size[::-1]).astype(np.uint16)).save(path)
+        return
+    arr = rng.integers(0, 255, (*size[::-1], 4)).astype(np.uint8)
+    img = Image.fromarray(arr, "RGBA").convert(mode)
+    img.save(path)
+
+
+def test_image_folder_tree_gives_labels(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            _save(tmp_path / c / f"{i}.png", "RGB")
+    src = FolderSource(str(tmp_path))
+    assert len(src) == 6 and src.classes == ["cat", "dog"] and src.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_flat_folder_any_mode_and_bad_files_skipped(tmp_path):
+    (tmp_path / "sub").mkdir()
+    modes = {"a.png": "L", "b.jpg": "RGB", "c.png": "RGBA", "d.png": "P", "e.webp": "RGB", "f.bmp": "RGB",
+             "g.tiff": "RGB", "sub/h.png": "LA", "i.jpg": "CMYK", "j.png": "I;16"}
+    for name, mode in modes.items():
+        _save(tmp_path / name, mode)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    good = (tmp_path / "b.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    src = FolderSource(str(tmp_path))
+    assert src.labels is None
+    skipped = {p.split("/")[-1] for p, _ in src.skipped}
+    assert skipped >= {"empty.png", "text.jpg"}
+    assert len(src) + len(src.skipped) == len(modes) + 3
+    ds = IndexedDataset(src, train_transform(image_spec("folder", 16)))
+    for i in range(len(ds)):
+        x, idx = ds[i]
+        assert x.shape == (3, 16, 16) and idx == i and torch.isfinite(x).all()
+
+
+def test_empty_or_mostly_broken_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no images"):
+        FolderSource(str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        FolderSource(str(tmp_path / "nope"))
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"junk")
+    _save(tmp_path / "ok.png", "RGB")
+    with pytest.raises(DataError, match="3 of 4 images .* unreadable"):
+        FolderSource(str(tmp_path))

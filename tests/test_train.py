@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from deepcluster.checkpoint import CheckpointError, load_checkpoint
+from deepcluster.config import resolve
+from deepcluster.data import DataError
+from deepcluster.train import TrainingError, train
+
+
+def tiny_cfg(root, out, **over):
+    o = {
+        "data": {"root": str(root), "download": False},
+        "cluster": {"k": 10, "pca_dim": 32},
+        "optim": {"epochs": 2, "batch_size": 64},
+        "run": {"output_dir": str(out), "workers": 0, "deterministic": True, "seed": 1},
+    }
+    for sec, vals in over.items():
+        o.setdefault(sec, {}).update(vals)
+    return resolve(overrides=o)
+
+
+def test_end_to_end_two_epochs_writes_the_run_directory(tiny_mnist_root, tmp_path):
+    out = tmp_path / "run"
+    last = train(tiny_cfg(tiny_mnist_root, out))
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "assignments.npy", "nmi.png", "train.log"):
+        assert (out / name).exists(), name
+    assert not (out / "run.lock").exists()
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    r = records[1]
+    for key in ("convnet_loss", "clustering_loss", "nmi_prev", "nmi_labels", "cluster_size_min",
+                "cluster_size_median", "cluster_size_max", "empty_clusters", "extract_s", "pca_s",
+                "kmeans_s", "train_s", "images_per_s"):
+        assert r[key] is not None, key
+    assert records[0]["nmi_prev"] is None and 0 <= r["nmi_labels"] <= 1
+    assert np.isfinite(r["convnet_loss"]) and r["empty_clusters"] == 0
+    hist = np.load(out / "assignments.npy")
+    assert hist.shape == (2, 240) and hist.dtype == np.int32 and hist.max() < 10
+    state = load_checkpoint(out)
+    assert state["epoch"] == 2 and state["meta"]["k"] == 10
+    assert state["centroids"].shape == (10, 32) and state["pca"]["projection"].shape[1] == 32
+    np.testing.assert_array_equal(state["assignments"].numpy(), hist)
+    assert last["epoch"] == 1
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_mnist_root, tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_cfg(tiny_mnist_root, straight, optim={"epochs": 3}))
+    resumed = tmp_path / "resumed"
+    train(tiny_cfg(tiny_mnist_root, resumed, optim={"epochs": 2}))
+    train(tiny_cfg(tiny_mnist_root, resumed, optim={"epochs": 3}, run={"resume": True}))
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    np.testing.assert_array_equal(a["assignments"].numpy(), b["assignments"].numpy())
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+
+
+def test_bad_requests_fail_before_work_and_lose_nothing(tiny_mnist_root, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="--k 500 is larger than the number of images"):
+        train(tiny_cfg(tiny_mnist_root, out, cluster={"k": 500}))
+    assert not (out / "checkpoint.pt").exists()
+    train(tiny_cfg(tiny_mnist_root, out, optim={"epochs": 1}, data={"subset": 100}))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(tiny_cfg(tiny_mnist_root, out, data={"subset": 100}))
+    with pytest.raises(CheckpointError, match="k=10.*k=12"):
+        train(tiny_cfg(tiny_mnist_root, out, data={"subset": 100}, cluster={"k": 12}, run={"resume": True}))
+    with pytest.raises(CheckpointError, match="arch='alexnet_small'.*arch='vgg16'"):
+        train(tiny_cfg(tiny_mnist_root, out, data={"subset": 100}, model={"arch": "vgg16"},
+                       run={"resume": True}))
+    assert (out / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(TrainingError, match="no CUDA GPU") if not torch.cuda.is_available() else pytest.raises(Exception):
+        train(tiny_cfg(tiny_mnist_root, tmp_path / "gpu", run={"device": "cuda"}))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "deepcluster", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors_are_one_line(tiny_mnist_root, tmp_path):
+    for args, needle in [
+        (["--arch", "resnet"], "unknown architecture 'resnet'"),
+        (["--k", "1000"], "larger than the number of images"),
+        (["--data", "folder", "--data-root", str(tmp_path / "nothing")], "does not exist"),
+        (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
+    ]:
+        p = run_cli("train", "--data-root", str(tiny_mnist_root), "--output-dir", str(tmp_path / "o"), *args)
+        assert p.returncode != 0
+        err = [l for l in p.stderr.splitlines() if l.startswith("deepcluster: error")]
+        assert len(err) == 1 and needle in err[0], p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_cli_train_and_resume_with_saved_config(tiny_mnist_root, tmp_path):
+    out = tmp_path / "cli"
+    p = run_cli("train", "--data-root", str(tiny_mnist_root), "--output-dir", str(out), "--k", "8",
+                "--epochs", "1", "--batch-size", "64", "--workers", "0", "--pca-dim", "16")
+    assert p.returncode == 0, p.stderr
+    p = run_cli("train", "--output-dir", str(out), "--resume", "--epochs", "2")
+    assert p.returncode == 0, p.stderr
+    state = load_checkpoint(out)
+    assert state["epoch"] == 2 and state["meta"]["k"] == 8
+    assert "k: 8" in (out / "config.yaml").read_text()

@@ -1,18 +1,14 @@
-"""Command line: ``deepcluster train|...``. The only place that parses arguments.
-
-Configuration is resolved here once (defaults <- --preset <- --config FILE.yaml <-
-flags) and passed down as a typed :class:`~deepcluster.config.Config`.
-"""
+"""``deepcluster train``: configuration resolved once (defaults <- --preset <-
+--config FILE.yaml <- flags) and passed down as a typed :class:`~deepcluster.config.Config`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, resolve
+from ..config import PRESETS, resolve
 
 logger = logging.getLogger("deepcluster")
 
@@ -32,7 +28,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train DeepCluster", description="Train DeepCluster: alternate k-means on the "
                        "network's features and training on the cluster assignments.")
     p.add_argument("--config", help="YAML file with sections data/model/cluster/optim/run (flags override it)")
@@ -87,7 +83,7 @@ def flags_to_overrides(args: argparse.Namespace, table: dict[str, tuple[str, str
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from ..train import train
 
     overrides = flags_to_overrides(args, TRAIN_FLAGS)
     config_file = args.config
@@ -99,38 +95,3 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(cfg)
     logger.info("done: %s (metrics.jsonl, nmi.png, checkpoint.pt)", cfg.run.output_dir)
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepcluster", description="DeepCluster: unsupervised convnet features.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("PIL").setLevel(logging.WARNING)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt as e:
-        code = 143 if e.args and e.args[0] == 15 else 130
-        out = getattr(args, "output_dir", None) or "RUN_DIR"
-        print(f"deepcluster: interrupted; the last complete epoch is saved — continue with "
-              f"`deepcluster train --output-dir {out} --resume`", file=sys.stderr)
-        return code
-    except (ValueError, RuntimeError, OSError) as e:
-        if args.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"deepcluster: error: {msg}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

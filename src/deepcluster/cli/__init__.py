@@ -1,0 +1,59 @@
+"""Command line: ``deepcluster <command>``. The only place that parses arguments.
+
+One module per subcommand (``cli/train.py``, ``cli/eval.py``, ...), each with
+``add_parser(subparsers)`` that registers its arguments and sets ``func``.
+Configuration is resolved here once and passed down as typed objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from ..config import ConfigError
+
+logger = logging.getLogger("deepcluster")
+
+# Subcommand modules, in help order; a module not (yet) present is simply not offered.
+COMMANDS = ["train", "eval", "report", "viz", "export", "assign"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepcluster", description="DeepCluster: unsupervised convnet features.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+            continue
+        importlib.import_module(f".{name}", __name__).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("PIL", "matplotlib", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as e:
+        code = 143 if e.args and e.args[0] == 15 else 130
+        out = getattr(args, "output_dir", None) or "RUN_DIR"
+        print(f"deepcluster: interrupted; the last complete epoch is saved — continue with "
+              f"`deepcluster train --output-dir {out} --resume`", file=sys.stderr)
+        return code
+    except (ValueError, RuntimeError, OSError) as e:
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"deepcluster: error: {msg}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,11 +4,18 @@ A checkpoint is one dict of tensors and plain values (no pickled objects), so lo
 it never runs code. Writing goes to a temporary file in the same directory, is flushed
 to disk, then renamed over the target: a crash or a full disk leaves the previous
 checkpoint intact.
+
+Versions: ``format_version`` is the layout of the dict; a checkpoint of another format
+is refused everywhere. ``package_version`` is the release that wrote it; any release
+reading the same format can load it (evaluation, export), but a run resumes only under
+the same major.minor release (see :func:`check_compatible`): another patch release
+resumes with a warning, as bit-exact continuation is promised within one release only.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import tempfile
@@ -27,26 +34,53 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used as asked; the message names the mismatch."""
 
 
+# A write that fails for lack of room, and how to say so.
+_NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
+
+
+def _no_room_errno(e: BaseException) -> int | None:
+    """The errno of a no-room failure in ``e`` or its chain, else None.
+
+    ``torch.save`` reports a failed write as a ``RuntimeError`` ("unexpected pos ...")
+    whose ``__context__`` is the ``OSError``: the chain is searched.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(file_object)`` on a temp file, fsync, then rename onto ``path``.
 
-    On any failure (ENOSPC included) the temp file is removed and ``path`` is untouched.
+    The temp file is ``.<name>.<random>.tmp`` in the same directory. On any failure
+    (a full disk, a quota, a file-size limit, an exception, a signal) the temp file is
+    removed and ``path`` is untouched; a process killed outright (SIGKILL) may leave the
+    temp file behind, never a partial ``path``. A full disk is reported as one clear
+    ``OSError`` whatever layer (``torch.save``, numpy) hit it.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous file is intact") from None
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        code = _no_room_errno(e)
+        if code is not None:
+            raise OSError(code, f"{_NO_ROOM[code]} while writing {path} ({os.strerror(code)}); "
+                                "the previous file is intact") from None
         raise
     try:  # make the rename durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -88,8 +122,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str | Path = "checkpoint") -> None:
-    """Refuse ``state`` if any ``expected`` key (``arch``, ``k``, ...) differs."""
+def _release(version: Any) -> tuple[str, ...]:
+    """``"0.1.3"`` -> ``("0", "1")``: the major.minor release of a version string."""
+    return tuple(str(version).split(".")[:2])
+
+
+def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str | Path = "checkpoint",
+                     same_release: bool = True) -> None:
+    """Refuse ``state`` if any ``expected`` key (``arch``, ``k``, ...) differs.
+
+    With ``same_release`` (resuming a run) a checkpoint written by another major.minor
+    release of the package is refused too; another patch release is accepted with a
+    warning (bit-exact continuation is promised within one release only).
+    """
     for key, want in expected.items():
         have = state.get("meta", {}).get(key)
         if have != want:
@@ -97,6 +142,18 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str 
                 f"checkpoint {path} was written with {key}={have!r}, this run has {key}={want!r}; "
                 "use the same setting or a new --output-dir"
             )
+    have = state.get("package_version")
+    if not same_release or have is None:  # save_checkpoint always records it
+        return
+    if _release(have) != _release(__version__):
+        raise CheckpointError(
+            f"checkpoint {path} was written by deepcluster {have}, this is {__version__}: resume it with "
+            f"deepcluster {'.'.join(_release(have))}.x or start a new --output-dir (eval and export load it as is)"
+        )
+    if have != __version__:
+        logging.getLogger(__name__).warning(
+            "resuming a run written by deepcluster %s with %s: the continuation may differ from an "
+            "uninterrupted run of either release", have, __version__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,3 +176,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the trained network of a checkpoint (a run directory or a ``.pt`` file).
+
+    Returns:
+        ``(model, state)``: the :class:`~deepcluster.models.DeepClusterNet` in eval mode
+        with the checkpoint's weights (head included), and the checkpoint dict.
+    """
+    from .models import create_model
+
+    state = load_checkpoint(path, map_location="cpu")
+    meta = state.get("meta", {})
+    kwargs: dict[str, Any] = {"image_size": meta["image_size"]}
+    if meta.get("width") is not None:
+        kwargs["width"] = meta["width"]
+    if meta.get("fc_dim") is not None:
+        kwargs["fc_dim"] = meta["fc_dim"]
+    try:
+        model = create_model(meta["arch"], sobel=meta["sobel"],
+                             num_clusters=state["model"]["head.weight"].shape[0], **kwargs)
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not match architecture {meta.get('arch')!r}: {first}") from None
+    return model.to(map_location).eval(), state

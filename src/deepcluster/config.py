@@ -8,6 +8,10 @@ directory as ``config.yaml``; library functions take explicit arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,7 +68,10 @@ class ClusterConfig:
     backend: str = "faiss"
     """k-means backend: faiss, faiss-gpu or torch."""
     pca_sample: int | None = None
-    """Images used to fit the PCA (default: all when they fit, see docs)."""
+    """Images used to fit the PCA (default: all when N x fc_dim floats fit in 1 GB, else
+    max(20 x fc_dim, 50,000) random images; see docs/SCALE.md)."""
+    feature_dtype: str = "float32"
+    """Storage of the PCA-reduced features between extraction and k-means: float32 or float16."""
     pic_sigma: float = 0.2
     pic_neighbors: int = 5
     pic_iters: int = 200
@@ -92,6 +99,14 @@ class RunConfig:
     workers: int = 2
     deterministic: bool = False
     resume: bool = False
+    amp: str = "none"
+    """Mixed precision of the network: none, bf16 or fp16 (fp16 needs CUDA; uses a grad scaler)."""
+    channels_last: bool = False
+    """channels_last memory format for the network and its inputs (faster convolutions on GPU)."""
+    sync_bn: bool = False
+    """SyncBatchNorm across ranks under torch.distributed (CUDA only)."""
+    dist_timeout: float = 1800.0
+    """Seconds a collective waits for the other ranks before failing (torchrun runs)."""
     eval_every: int = 0
     """Run the kNN probe on a held-out part every N epochs (0: never)."""
     tensorboard: bool = False
@@ -118,8 +133,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """``value`` converted to ``tp`` where lossless (int -> float, list -> tuple), else error."""
+    """``value`` converted to ``tp`` where lossless (int -> float, a numeric string such as
+    ``"1e-3"`` -> float, list -> tuple), else an error naming ``where``; floats must be finite."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -141,6 +160,10 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return tuple(_check_type(v, a, where) for v, a in zip(value, args))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
@@ -220,6 +243,10 @@ def validate(cfg: Config) -> None:
         (cfg.optim.balance in ("sampler", "weight", "none"), f"optim.balance must be sampler, weight or none, got {cfg.optim.balance!r}"),
         (0 < cfg.optim.crop_scale[0] <= cfg.optim.crop_scale[1] <= 1, "optim.crop_scale must satisfy 0 < min <= max <= 1"),
         (cfg.run.workers >= 0, "run.workers must be >= 0"),
+        (cfg.cluster.feature_dtype in ("float32", "float16"), f"cluster.feature_dtype must be float32 or float16, got {cfg.cluster.feature_dtype!r}"),
+        (cfg.cluster.pca_sample is None or cfg.cluster.pca_sample >= 2, "cluster.pca_sample must be >= 2 (or null: automatic)"),
+        (cfg.run.amp in ("none", "bf16", "fp16"), f"run.amp must be none, bf16 or fp16, got {cfg.run.amp!r}"),
+        (cfg.run.dist_timeout > 0, "run.dist_timeout must be > 0 seconds"),
         (cfg.run.device.split(":")[0] in ("cpu", "cuda"), f"run.device must be cpu or cuda, got {cfg.run.device!r}"),
         (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
@@ -243,4 +270,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` to ``path`` atomically (a run resumes from this file: never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

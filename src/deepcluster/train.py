@@ -8,29 +8,38 @@ continues exactly as the uninterrupted run would (bit-identical in deterministic
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import atomic_write, check_compatible, load_checkpoint, rng_state, save_checkpoint
-from .clustering import PCAWhitening, kmeans, run_pic
+from .clustering import (PCAWhitening, StreamingPCA, faiss_has_gpu, kmeans, resolve_pca_sample, run_pic,
+                         sample_indices)
 from .config import Config, save_yaml
-from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, Subset, build_source,
-                   cluster_transform, image_spec, inverse_size_weights, train_transform)
+from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, cluster_transform, image_spec,
+                   inverse_size_weights, train_transform, training_source)
+from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, collective_errors, gather_by_index,
+                          init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
+from .diagnostics import collapse_warning, recent_nmi_prev
 from .metrics import nmi
 from .models import DeepClusterNet, create_model
+from .tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +81,7 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- data / model
 
 def build_training_source(cfg: Config) -> ImageSource:
-    source = build_source(cfg.data.name, cfg.data.root, cfg.data.split, cfg.data.download, cfg.data.max_bad_fraction)
-    if cfg.data.subset is not None and cfg.data.subset < len(source):
-        idx = np.sort(np.random.default_rng(cfg.run.seed).choice(len(source), cfg.data.subset, replace=False))
-        source = Subset(source, idx)
-    return source
+    return training_source(cfg.to_dict()["data"], cfg.run.seed)
 
 
 def model_kwargs(cfg: Config, image_size: int) -> dict[str, Any]:
@@ -104,66 +109,198 @@ def make_loader(dataset, batch_size: int, workers: int, sampler=None, seed: int 
                       pin_memory=False)
 
 
+# --------------------------------------------------------------------------- devices & precision
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str = "none"):
+    """Mixed-precision context for ``amp`` (``none``, ``bf16``, ``fp16``) on ``device``."""
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp != "none")
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """``(B, 3, H, W)`` batch on ``device`` (channels_last layout when asked)."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def per_rank_batch_size(batch_size: int, world: int) -> int:
+    """Images per rank and step for a *global* batch of ``batch_size``.
+
+    A global batch that the world size does not divide is rounded up to the next
+    multiple (logged): e.g. 250 on 3 ranks gives 84 per rank, 252 per step.
+    """
+    per = -(-batch_size // world)
+    if per * world != batch_size and is_main_process():
+        logger.warning("batch size %d is not a multiple of the world size %d: using %d per rank (%d per step)",
+                       batch_size, world, per, per * world)
+    return per
+
+
 # --------------------------------------------------------------------------- phases
 
 @torch.no_grad()
+def iter_features(model: DeepClusterNet, loader: DataLoader, device: torch.device, amp: str = "none",
+                  channels_last: bool = False, desc: str = "extract") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(indices (B,) int64, features (B, fc_dim) float32)`` for every batch of ``loader``
+    (which yields ``(images, indices)``), the model in eval mode, no augmentation."""
+    was_training = model.training
+    model.eval()
+    try:
+        for images, idx in tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True):
+            with autocast(device, amp):
+                out = model.forward_features(to_device(images, device, channels_last))
+            yield idx.numpy().astype(np.int64), out.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def extract_features(model: DeepClusterNet, loader: DataLoader, num_images: int, device: torch.device,
-                     desc: str = "extract") -> np.ndarray:
+                     desc: str = "extract", amp: str = "none", channels_last: bool = False) -> np.ndarray:
     """Clustering features of every image, placed by data-set index: ``(N, fc_dim)``.
 
     The loader must yield ``(images, indices)``; rows are written at ``indices``, so
     the order of batches does not matter. Every index must be seen exactly once.
+    Under ``torch.distributed`` the loader covers this rank's shard (e.g. a sampler
+    over :func:`~deepcluster.distributed.shard_indices`); the ``(index, feature)`` pairs
+    of all ranks are gathered and placed by index, and every rank gets the whole array.
+    This holds N x fc_dim floats: the training loop uses :func:`extract_reduced`.
     """
-    was_training = model.training
-    model.eval()
+    if is_distributed():
+        pairs = list(iter_features(model, loader, device, amp, channels_last, desc))
+        idx = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
+        vals = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros((0, model.feature_dim), np.float32)
+        try:
+            return gather_by_index(idx, vals, num_images).numpy()
+        except ValueError as e:
+            raise TrainingError(f"feature extraction: {e}") from None
     feats = np.zeros((num_images, model.feature_dim), dtype=np.float32)
     seen = np.zeros(num_images, dtype=bool)
-    for images, idx in tqdm(loader, desc=desc, leave=False, disable=None):
-        out = model.forward_features(images.to(device, non_blocking=True)).float().cpu().numpy()
-        idx = idx.numpy()
+    for idx, out in iter_features(model, loader, device, amp, channels_last, desc):
         feats[idx] = out
         seen[idx] = True
-    model.train(was_training)
     if not seen.all():
         raise TrainingError(f"feature extraction missed {int((~seen).sum())} images")
     return feats
 
 
+def _check_finite(bad_rows: int, where: str) -> None:
+    bad = int(all_reduce_sum(torch.tensor(float(bad_rows), dtype=torch.float64)).item())
+    if bad:
+        raise TrainingError(f"features of {bad} images{where} are NaN/Inf: the network diverged; resume with a lower --lr")
+
+
+def extract_reduced(model: DeepClusterNet, dataset: IndexedDataset, cfg: Config, device: torch.device, seed: int,
+                    desc: str = "extract") -> dict[str, Any]:
+    """This rank's PCA-whitened, L2-normalised features, in bounded memory.
+
+    One pass over this rank's shard of the data set (:func:`shard_indices`): the images
+    of the PCA sample first (``cluster.pca_sample``, drawn with ``seed``, the same on
+    every rank), whose full-width features are buffered and fitted on (all ranks
+    together), then every other image, projected batch by batch. Only
+    ``n_rank x pca_dim`` values (``cluster.feature_dtype``) are kept.
+
+    Returns:
+        ``indices`` (``(n_rank,)`` data-set indices, sorted), ``x`` (``(n_rank, pca_dim)``),
+        ``pca`` (the fitted :class:`PCAWhitening`), ``pca_sample`` (its size),
+        ``extract_s`` and ``pca_s`` (fit and projection of the sample).
+    """
+    c, bs, workers = cfg.cluster, cfg.optim.batch_size, cfg.run.workers
+    amp, channels_last = cfg.run.amp, cfg.run.channels_last
+    n = len(dataset)
+    shard = shard_indices(n)
+    sample = sample_indices(n, resolve_pca_sample(n, model.feature_dim, c.pca_sample), seed)
+    first = np.isin(shard, sample, assume_unique=True)
+    stream = StreamingPCA(PCAWhitening(c.pca_dim, whiten=c.whiten), len(shard), sample_rows=int(first.sum()),
+                          dtype=np.dtype(c.feature_dtype))
+    t0 = time.perf_counter()
+    bad = 0
+    loader = make_loader(dataset, bs, workers, sampler=shard[first].tolist(), seed=seed)
+    for idx, out in iter_features(model, loader, device, amp, channels_last, desc):
+        bad += int((~np.isfinite(out)).any(1).sum())
+        stream.add_sample(np.searchsorted(shard, idx), out)
+    _check_finite(bad, " in the PCA sample")
+    t1 = time.perf_counter()
+    pca = stream.fit()
+    pca_s = time.perf_counter() - t1
+    loader = make_loader(dataset, bs, workers, sampler=shard[~first].tolist(), seed=seed)
+    for idx, out in iter_features(model, loader, device, amp, channels_last, desc):
+        bad += int((~np.isfinite(out)).any(1).sum())
+        stream.add(np.searchsorted(shard, idx), out)
+    _check_finite(bad, "")
+    return {"indices": shard, "x": stream.result(), "pca": pca, "pca_sample": len(sample),
+            "extract_s": time.perf_counter() - t0 - pca_s, "pca_s": pca_s}
+
+
+def cluster_reduced(x: np.ndarray, indices: np.ndarray, num_images: int, cfg: Config, seed: int,
+                    device: torch.device | None = None) -> dict[str, Any]:
+    """k-means (or PIC) on PCA-reduced features; assignments for all ``num_images``.
+
+    Args:
+        x: ``(n_rank, pca_dim)`` this rank's features (all of them in one process).
+        indices: ``(n_rank,)`` their data-set indices.
+        device: where the torch k-means backend runs (default CPU).
+
+    k-means keeps each rank's shard and all-reduces sums and counts (every backend);
+    PIC needs the whole graph: the features are gathered and rank 0's result broadcast.
+    The assignments of all ranks are gathered by index.
+    """
+    c = cfg.cluster
+    t1 = time.perf_counter()
+    if c.method == "kmeans":
+        res = kmeans(x, c.k, niter=c.niter, seed=seed, backend=c.backend,
+                     device=device if c.backend == "torch" else None, indices=indices)
+        assignments = gather_by_index(indices, torch.from_numpy(res.assignments), num_images).numpy()
+        out = {"assignments": assignments, "centroids": res.centroids, "loss": res.loss,
+               "n_empty_fixed": res.n_empty_fixed}
+    else:
+        xg = gather_by_index(indices, torch.from_numpy(np.asarray(x, dtype=np.float32)), num_images).numpy()
+        out = None
+        if is_main_process():
+            pic = run_pic(xg, n_neighbors=c.pic_neighbors, sigma=c.pic_sigma, n_iter=c.pic_iters,
+                          use_gpu=c.backend != "faiss")
+            assignments = pic.assignments
+            centroids = np.stack([xg[assignments == j].mean(0) for j in range(pic.num_clusters)]).astype(np.float32)
+            out = {"assignments": assignments, "centroids": centroids,
+                   "loss": float(((xg - centroids[assignments]) ** 2).sum(1).mean()), "n_empty_fixed": 0}
+        out = broadcast_object(out)
+    out["assignments"] = np.asarray(out["assignments"]).astype(np.int64)
+    out["cluster_s"] = time.perf_counter() - t1
+    return out
+
+
 def cluster(features: np.ndarray, cfg: Config, seed: int) -> dict[str, Any]:
-    """PCA-whiten + L2 the features, then k-means (or PIC). Returns assignments and stats."""
+    """PCA-whiten + L2 full-width features held in memory, then k-means (or PIC).
+
+    ``(N, fc_dim)`` in, assignments and stats out (one process; the training loop uses
+    :func:`extract_reduced` + :func:`cluster_reduced`, which never hold ``features``).
+    """
     c = cfg.cluster
     t0 = time.perf_counter()
     if not np.isfinite(features).all():
         bad = int((~np.isfinite(features)).any(1).sum())
         raise TrainingError(f"features of {bad} images are NaN/Inf: the network diverged; resume with a lower --lr")
     n = len(features)
-    rng = np.random.default_rng(seed)
-    fit_on = features
-    if c.pca_sample is not None and c.pca_sample < n:
-        fit_on = features[np.sort(rng.choice(n, c.pca_sample, replace=False))]
-    pca = PCAWhitening(c.pca_dim, whiten=c.whiten).fit(fit_on)
+    sample = sample_indices(n, resolve_pca_sample(n, features.shape[1], c.pca_sample), seed)
+    pca = PCAWhitening(c.pca_dim, whiten=c.whiten).fit(features if len(sample) == n else features[sample])
     x = pca.transform(features)
     t_pca = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    if c.method == "kmeans":
-        res = kmeans(x, c.k, niter=c.niter, seed=seed, backend=c.backend)
-        assignments, centroids, loss, n_fixed = res.assignments, res.centroids, res.loss, res.n_empty_fixed
-    else:
-        res = run_pic(x, n_neighbors=c.pic_neighbors, sigma=c.pic_sigma, n_iter=c.pic_iters,
-                      use_gpu=c.backend != "faiss")
-        assignments = res.assignments
-        k = res.num_clusters
-        centroids = np.stack([x[assignments == j].mean(0) for j in range(k)]).astype(np.float32)
-        loss = float(((x - centroids[assignments]) ** 2).sum(1).mean())
-        n_fixed = 0
-    return {"assignments": assignments.astype(np.int64), "centroids": centroids, "pca": pca,
-            "loss": loss, "n_empty_fixed": n_fixed, "pca_s": t_pca, "cluster_s": time.perf_counter() - t1}
+    res = cluster_reduced(x, np.arange(n), n, cfg, seed)
+    return {**res, "pca": pca, "pca_s": t_pca}
 
 
-def train_one_epoch(model: DeepClusterNet, loader: DataLoader, pseudo_labels: torch.Tensor,
+def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, head_optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, class_weights: torch.Tensor | None = None) -> dict[str, float]:
+                    device: torch.device, epoch: int, class_weights: torch.Tensor | None = None,
+                    amp: str = "none", channels_last: bool = False,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass of cross-entropy on the pseudo-labels; returns averaged stats.
+
+    ``model`` may be wrapped in ``DistributedDataParallel`` (the loader then yields this
+    rank's share); loss and image counts are summed over ranks. ``scaler`` is needed
+    with ``amp="fp16"``.
 
     Raises:
         NonFiniteLossError: the loss became NaN or Inf (naming epoch and step).
@@ -172,10 +309,12 @@ def train_one_epoch(model: DeepClusterNet, loader: DataLoader, pseudo_labels: to
     criterion = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device))
     total, count = 0.0, 0
     t0 = time.perf_counter()
-    for step, (images, idx) in enumerate(tqdm(loader, desc=f"train {epoch}", leave=False, disable=None)):
-        images = images.to(device, non_blocking=True)
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=None if is_main_process() else True)
+    for step, (images, idx) in enumerate(bar):
+        images = to_device(images, device, channels_last)
         targets = pseudo_labels[idx].to(device, non_blocking=True)
-        loss = criterion(model(images), targets)
+        with autocast(device, amp):
+            loss = criterion(model(images), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch} step {step}; the last good checkpoint is kept; "
@@ -183,21 +322,47 @@ def train_one_epoch(model: DeepClusterNet, loader: DataLoader, pseudo_labels: to
             )
         optimizer.zero_grad(set_to_none=True)
         head_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        head_optimizer.step()
+        with collective_errors("the gradient all-reduce (DistributedDataParallel)"):
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.step(head_optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+                head_optimizer.step()
         total += loss.item() * len(idx)
         count += len(idx)
+    _check_finite_state(epoch, optimizer, head_optimizer)
     seconds = time.perf_counter() - t0
+    total, count = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64)).tolist()
+    count = int(count)
     return {"loss": total / max(count, 1), "images": count, "train_s": seconds,
             "images_per_s": count / seconds if seconds > 0 else 0.0}
+
+
+def _check_finite_state(epoch: int, *optimizers: torch.optim.Optimizer) -> None:
+    """Refuse to go on (and to checkpoint) with NaN/Inf weights or momentum buffers.
+
+    The loss check sees a divergence one step late: the last step of an epoch can make
+    the weights non-finite with a finite loss, and the checkpoint would keep them.
+    """
+    for opt in optimizers:
+        tensors = [p for g in opt.param_groups for p in g["params"]]
+        tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise NonFiniteLossError(
+                f"weights became NaN/Inf by the end of epoch {epoch} (the last step diverged); the last good "
+                "checkpoint is kept; resume with --resume and a lower --lr")
 
 
 # --------------------------------------------------------------------------- run directory
 
 class RunDir:
     """The files of a run: ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``,
-    ``assignments.npy`` (int32, epochs x N), ``nmi.png``, ``train.log``, ``run.lock``."""
+    ``assignments.npy`` (int32, epochs x N), ``nmi.png``, ``train.log``, ``run.lock``,
+    ``skipped_images.txt`` (unreadable images of a folder, ``path<TAB>reason``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -208,30 +373,64 @@ class RunDir:
         self.plot = self.path / "nmi.png"
         self.log = self.path / "train.log"
         self.lock = self.path / "run.lock"
-        self._locked = False
+        self.skipped = self.path / "skipped_images.txt"
+        self._lock_fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the run directory; a live lock held by another process is an error."""
+        """Take the run directory for this process, or refuse: another run holds it.
+
+        ``run.lock`` (holding the pid, for the message) is locked with ``flock``: the
+        kernel drops the lock when its process ends, however it ends (SIGKILL too), so a
+        dead run never blocks a restart and a live one always refuses a second. Then
+        the temporary files of writes a killed run left behind are removed.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                pid = int(self.lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid) and pid != os.getpid():
-                raise TrainingError(f"{self.path} is in use by process {pid} (run.lock); use another --output-dir") from None
-            self.lock.unlink(missing_ok=True)  # stale lock of a dead process
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        self._locked = True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                raise TrainingError(f"{self.path} is in use by process {holder} (run.lock): wait for it to end "
+                                    "or choose another --output-dir") from None
+            try:  # the holder may have released (and removed) the file meanwhile: lock the new one
+                if os.fstat(fd).st_ino == os.stat(self.lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        """Remove ``.<name>.<random>.tmp`` files of :func:`atomic_write` a killed process left."""
+        stale = sorted(self.path.glob(".*.tmp"))
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            logger.info("removed %d temporary files of interrupted writes: %s", len(stale),
+                        ", ".join(p.name for p in stale))
 
     def release(self) -> None:
-        if self._locked:
+        if self._lock_fd is not None:
             self.lock.unlink(missing_ok=True)
-            self._locked = False
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
+
+    def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """``skipped_images.txt``: one ``path<TAB>reason`` line per unreadable image
+        (removed when there are none, so it never describes an older scan)."""
+        if not skipped:
+            self.skipped.unlink(missing_ok=True)
+            return
+        clean = lambda t: t.replace("\t", " ").replace("\n", " ")  # noqa: E731
+        text = "".join(f"{clean(p)}\t{clean(r)}\n" for p, r in skipped)
+        atomic_write(self.skipped, lambda f: f.write(text.encode()))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
@@ -246,14 +445,15 @@ class RunDir:
         atomic_write(self.assignments, lambda f: np.save(f, history.astype(np.int32)))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _record_skipped(run: RunDir, source: ImageSource) -> None:
+    """Write the folder scan's unreadable images to ``skipped_images.txt`` and count them in the log."""
+    while not hasattr(source, "skipped") and hasattr(source, "base"):  # through Subset
+        source = source.base
+    skipped = list(getattr(source, "skipped", []))
+    run.write_skipped(skipped)
+    if skipped:
+        logger.warning("skipped %d unreadable images (not trained on), listed with reasons in %s",
+                       len(skipped), run.skipped)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -294,13 +494,49 @@ def train(cfg: Config) -> dict[str, Any]:
 
     Writes the run directory (see :class:`RunDir`). With ``cfg.run.resume`` it continues
     from ``checkpoint.pt`` there; without it, an existing checkpoint is an error.
+
+    Under ``torchrun`` (or in a process group set up by the caller) every rank runs this;
+    only rank 0 writes the run directory (the others log to ``train.rank<N>.log``). The
+    run directory must be on a file system all ranks see (they read the checkpoint to
+    resume). The checkpoint does not depend on the world size: a run can resume on a
+    different number of processes.
     """
+    device = resolve_device(cfg.run.device)
+    device, own_group = init_distributed(cfg.run.device, cfg.run.dist_timeout)
+    try:
+        return _train(cfg, device)
+    finally:
+        if own_group:
+            cleanup()
+
+
+def _check_scale_options(cfg: Config, device: torch.device) -> None:
+    """Refuse options the hardware cannot honour, before any work."""
+    if cfg.run.amp == "fp16" and device.type != "cuda":
+        raise TrainingError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 (or none)")
+    if cfg.run.sync_bn and device.type != "cuda" and world_size() > 1:
+        raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU); drop --sync-bn")
+    if cfg.cluster.backend == "faiss-gpu" and not faiss_has_gpu():
+        raise TrainingError("--kmeans faiss-gpu needs a GPU build of faiss and a GPU; use --kmeans torch "
+                            "(runs on the GPU without faiss) or --kmeans faiss (CPU)")
+
+
+def _prepare_model(model: DeepClusterNet, cfg: Config, device: torch.device) -> DeepClusterNet:
+    """SyncBatchNorm and channels_last as configured (the same parameter objects)."""
+    if cfg.run.sync_bn and world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     run = RunDir(cfg.run.output_dir)
     if run.checkpoint.exists() and not cfg.run.resume:
         raise TrainingError(f"{run.path} already holds a run; pass --resume to continue it or choose another --output-dir")
-    if cfg.run.resume and not run.checkpoint.exists():
+    if cfg.run.resume and not run.checkpoint.exists() and not run.config.exists():
         raise TrainingError(f"--resume given but {run.checkpoint} does not exist")
-    device = resolve_device(cfg.run.device)
+    _check_scale_options(cfg, device)
     seed_everything(cfg.run.seed)
     set_deterministic(cfg.run.deterministic)
 
@@ -316,62 +552,97 @@ def train(cfg: Config) -> dict[str, Any]:
 
     meta = _meta(cfg, n, spec.size)
     state = None
-    if cfg.run.resume:  # refuse an incompatible checkpoint before any work
+    if cfg.run.resume and run.checkpoint.exists():  # refuse an incompatible checkpoint before any work
         state = load_checkpoint(run.checkpoint, map_location=device)
         check_compatible(state, {k: meta[k] for k in RESUME_KEYS}, run.checkpoint)
 
     # Model and optimiser.
-    model = build_model(cfg, spec.size, cfg.cluster.k).to(device)
+    model = _prepare_model(build_model(cfg, spec.size, cfg.cluster.k).to(device), cfg, device)
     optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None
 
-    run.acquire()
+    if is_main_process():  # only rank 0 writes the run directory
+        run.acquire()
+    else:
+        run.path.mkdir(parents=True, exist_ok=True)
+    tb = None
     try:
         _setup_file_log(run)
+        if is_main_process():
+            _record_skipped(run, source)
+        if cfg.run.tensorboard and is_main_process():  # the tensorboard package is imported lazily
+            tb = TensorBoardWriter(run.path)
+            tb_sample = torch.stack([cluster_ds[int(i)][0] for i in np.linspace(0, n - 1, min(64, n))])
         history = np.zeros((0, n), dtype=np.int32)
         start_epoch = 0
         if state is not None:
             start_epoch, history = restore(state, model, optimizer, device)
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             del state
             logger.info("resumed %s at epoch %d", run.path, start_epoch)
         records = [r for r in run.read_metrics() if r["epoch"] < start_epoch]
-        run.write_metrics(records)
-        save_yaml(cfg, run.config)
+        if is_main_process():
+            run.write_metrics(records)
+            save_yaml(cfg, run.config)
+        if world_size() > 1:
+            logger.info("torch.distributed: %d processes (%s); global batch %d", world_size(),
+                        "nccl" if device.type == "cuda" else "gloo", cfg.optim.batch_size)
         logger.info("DeepCluster %s: %s on %d images (%s, k=%d), epochs %d..%d, device %s",
                     __version__, cfg.model.arch, n, cfg.data.name, cfg.cluster.k, start_epoch, cfg.optim.epochs - 1, device)
         last: dict[str, Any] = records[-1] if records else {}
-        with _graceful_stop() as stop:
+        with _graceful_stop(run) as stop:
             for epoch in range(start_epoch, cfg.optim.epochs):
-                last = run_epoch(cfg, epoch, model, optimizer, cluster_ds, train_ds, labels, history, device)
+                last = run_epoch(cfg, epoch, model, optimizer, cluster_ds, train_ds, labels, history, device,
+                                 scaler=scaler)
                 history = np.concatenate([history, last.pop("_assignments")[None].astype(np.int32)])
                 extra = last.pop("_checkpoint_extra")
+                extra["world_size"] = world_size()
+                if scaler is not None:
+                    extra["scaler"] = scaler.state_dict()
                 records.append(last)
-                _save_epoch(run, cfg, model, optimizer, epoch, history, records, meta, extra)
+                if is_main_process():
+                    _save_epoch(run, cfg, model, optimizer, epoch, history, records, meta, extra)
+                if tb is not None:
+                    tb.log_epoch(last, model, tb_sample)
                 logger.info(_summary_line(last))
                 if stop.requested:
                     raise KeyboardInterrupt(stop.signum)
+        barrier()  # every rank returns once rank 0's last checkpoint is written
         return last
     finally:
+        if tb is not None:
+            tb.close()
         run.release()
         _teardown_file_log()
 
 
 def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.optim.Optimizer,
               cluster_ds: IndexedDataset, train_ds: IndexedDataset, labels: np.ndarray | None,
-              history: np.ndarray, device: torch.device) -> dict[str, Any]:
-    """One DeepCluster epoch; returns its metrics record (plus private keys)."""
-    seed_everything(epoch_seed(cfg.run.seed, epoch, 0))  # dropout & anything unseeded
+              history: np.ndarray, device: torch.device,
+              scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """One DeepCluster epoch; returns its metrics record (plus private keys).
+
+    Under ``torch.distributed`` every rank extracts and clusters its shard of the data
+    set, all ranks get the same assignments, and each trains on its share of the same
+    epoch plan with the model wrapped in ``DistributedDataParallel``.
+    """
+    # Dropout & anything unseeded; rank r > 0 gets its own stream (rank 0's is the
+    # single-process one), so augmentations are not repeated across ranks.
+    seed_everything(epoch_seed(cfg.run.seed, epoch, 0) + rank())
     n = len(cluster_ds)
     bs, workers = cfg.optim.batch_size, cfg.run.workers
 
-    # 1. Features of every image, no augmentation.
+    # 1-2. Features of every image (this rank's shard), no augmentation; PCA-whitening
+    # fitted on a sample and applied batch by batch, L2.
     t0 = time.perf_counter()
-    loader = make_loader(cluster_ds, bs, workers, seed=epoch_seed(cfg.run.seed, epoch, 1))
-    features = extract_features(model, loader, n, device, desc=f"extract {epoch}")
-    extract_s = time.perf_counter() - t0
+    cluster_seed = epoch_seed(cfg.run.seed, epoch, 2)
+    red = extract_reduced(model, cluster_ds, cfg, device, cluster_seed, desc=f"extract {epoch}")
+    extract_s = time.perf_counter() - t0 - red["pca_s"]
 
-    # 2-3. PCA-whitening, L2, clustering.
-    res = cluster(features, cfg, epoch_seed(cfg.run.seed, epoch, 2))
-    del features
+    # 3. Clustering (k-means sharded over ranks), assignments of every image.
+    res = cluster_reduced(red.pop("x"), red["indices"], n, cfg, cluster_seed, device)
+    res["pca"], res["pca_s"] = red["pca"], red["pca_s"]
     assignments = res["assignments"]
     num_clusters = int(assignments.max()) + 1 if cfg.cluster.method == "pic" else cfg.cluster.k
     sizes = np.bincount(assignments, minlength=num_clusters)
@@ -381,11 +652,18 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     model.reset_head(num_clusters, generator=gen)
     head_optimizer = build_head_optimizer(model, cfg)
     balanced = cfg.optim.balance == "sampler"
-    sampler = ClusterBalancedSampler(assignments, seed=epoch_seed(cfg.run.seed, epoch, 4), balanced=balanced)
+    sampler = ClusterBalancedSampler(assignments, seed=epoch_seed(cfg.run.seed, epoch, 4), balanced=balanced,
+                                     rank=rank(), world_size=world_size())
     weights = inverse_size_weights(assignments, num_clusters) if cfg.optim.balance == "weight" else None
-    train_loader = make_loader(train_ds, bs, workers, sampler=sampler, seed=epoch_seed(cfg.run.seed, epoch, 5))
-    stats = train_one_epoch(model, train_loader, torch.from_numpy(assignments), optimizer, head_optimizer,
-                            device, epoch, weights)
+    train_loader = make_loader(train_ds, per_rank_batch_size(bs, world_size()), workers, sampler=sampler,
+                               seed=epoch_seed(cfg.run.seed, epoch, 5) + rank())
+    net: nn.Module = model
+    if is_distributed():  # re-wrapped every epoch: the head is a new layer
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    stats = train_one_epoch(net, train_loader, torch.from_numpy(assignments), optimizer, head_optimizer,
+                            device, epoch, weights, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
+                            scaler=scaler)
+    del net
 
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -408,6 +686,13 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         "_assignments": assignments,
         "_checkpoint_extra": {"pca": res["pca"].state_dict(), "centroids": torch.from_numpy(res["centroids"])},
     }
+    record["collapse_warning"] = collapse_warning(sizes, recent_nmi_prev(history, assignments, record["nmi_prev"]), cfg)
+    if record["collapse_warning"]:
+        logger.warning("epoch %d: %s", epoch, record["collapse_warning"])
+    if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and labels is not None:
+        from .eval.knn import knn_probe  # stopping criterion: cheap k-NN on held-out labelled images
+
+        record.update(knn_probe(model, cluster_ds, labels, device, seed=cfg.run.seed, batch_size=bs, workers=workers))
     return record
 
 
@@ -448,20 +733,34 @@ def _summary_line(r: dict[str, Any]) -> str:
 _file_handler: logging.Handler | None = None
 
 
+_saved_level: int | None = None
+
+
 def _setup_file_log(run: RunDir) -> None:
-    global _file_handler
+    """``train.log`` on rank 0; ``train.rank<N>.log`` at debug level on rank N > 0."""
+    global _file_handler, _saved_level
     _teardown_file_log()
-    _file_handler = logging.FileHandler(run.log)
-    _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("deepcluster").addHandler(_file_handler)
+    r = rank()
+    _file_handler = logging.FileHandler(run.log if r == 0 else run.path / f"train.rank{r}.log")
+    _file_handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {r}] %(name)s: %(message)s"
+                                                 if r else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("deepcluster")
+    if r:
+        _file_handler.setLevel(logging.DEBUG)
+        _saved_level = pkg.level
+        pkg.setLevel(logging.DEBUG)
+    pkg.addHandler(_file_handler)
 
 
 def _teardown_file_log() -> None:
-    global _file_handler
+    global _file_handler, _saved_level
     if _file_handler is not None:
         logging.getLogger("deepcluster").removeHandler(_file_handler)
         _file_handler.close()
         _file_handler = None
+    if _saved_level is not None:
+        logging.getLogger("deepcluster").setLevel(_saved_level)
+        _saved_level = None
 
 
 class _StopFlag:
@@ -472,14 +771,20 @@ class _StopFlag:
 class _graceful_stop:
     """SIGTERM/SIGINT during an epoch: finish nothing more, keep the last checkpoint.
 
-    The first signal interrupts at once (the last complete checkpoint is the resume
-    point; the epoch in progress is redone on resume).
+    The first signal interrupts at once: the last complete checkpoint is the resume
+    point and the epoch in progress is redone on resume (a write in progress is
+    abandoned by :func:`atomic_write`, leaving the previous file). The
+    ``KeyboardInterrupt`` that leaves carries ``(signum, message)``: the CLI prints the
+    message (how to resume) and exits with 128 + signum (130 SIGINT, 143 SIGTERM).
     """
+
+    def __init__(self, run: RunDir | None = None) -> None:
+        self.run = run
 
     def __enter__(self) -> _StopFlag:
         self.flag = _StopFlag()
         self.old = {}
-        for sig in (signal.SIGTERM,):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self.old[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
@@ -489,6 +794,17 @@ class _graceful_stop:
     def _handler(self, signum, frame) -> None:
         raise KeyboardInterrupt(signum)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, h in self.old.items():
             signal.signal(sig, h)
+        if exc_type is not KeyboardInterrupt or self.run is None:
+            return
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        name = signal.Signals(signum).name
+        kept = ("checkpoint.pt keeps the last complete epoch" if self.run.checkpoint.exists()
+                else "no epoch had completed (the run restarts at epoch 0)")
+        msg = (f"interrupted by {name}; {kept} — continue with "
+               f"`deepcluster train --output-dir {self.run.path} --resume`")
+        if _file_handler is not None:  # in train.log; the CLI prints it on the console
+            _file_handler.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, msg, None, None))
+        raise KeyboardInterrupt(signum, msg) from None

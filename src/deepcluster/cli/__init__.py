@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt as e:
         code = 143 if e.args and e.args[0] == 15 else 130
+        if len(e.args) > 1:  # train() says what was kept and how to resume
+            print(f"deepcluster: {e.args[1]}", file=sys.stderr)
+            return code
         out = getattr(args, "output_dir", None) or "RUN_DIR"
         print(f"deepcluster: interrupted; the last complete epoch is saved — continue with "
               f"`deepcluster train --output-dir {out} --resume`", file=sys.stderr)

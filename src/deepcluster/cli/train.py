@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "output_dir": ("run", "output_dir"), "device": ("run", "device"), "seed": ("run", "seed"),
     "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
+    "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
+    "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
 }
 
 
@@ -50,7 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
     g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
     g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
-    g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all)")
+    g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all when N x fc_dim floats "
+                   "fit in 1 GB, else max(20 x fc_dim, 50000)); the rest are projected batch by batch")
+    g.add_argument("--feature-dtype", choices=["float32", "float16"],
+                   help="storage of the N x pca_dim features before k-means (float16 halves it)")
     g.add_argument("--pic-sigma", type=float, help="PIC Gaussian bandwidth (default 0.2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
@@ -70,6 +76,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --output-dir (its config.yaml is the base; flags override it)")
     g.add_argument("--eval-every", type=int, help="kNN probe on a held-out part every N epochs")
     g.add_argument("--tensorboard", action="store_const", const=True, help="write TensorBoard scalars and images")
+    g = p.add_argument_group("scale-out (launch with torchrun --nproc-per-node G -m deepcluster train ...)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help="mixed precision (bf16 recommended on recent GPUs; fp16 needs CUDA and uses a grad scaler)")
+    g.add_argument("--channels-last", action="store_const", const=True,
+                   help="channels_last memory format (faster convolutions on GPU)")
+    g.add_argument("--sync-bn", action="store_const", const=True,
+                   help="synchronise batch-norm statistics across GPUs (CUDA only; helps with small per-GPU batches)")
+    g.add_argument("--dist-timeout", type=float,
+                   help="seconds a collective waits for the other ranks before failing (default 1800)")
     p.set_defaults(func=cmd_train)
 
 
@@ -85,6 +100,11 @@ def flags_to_overrides(args: argparse.Namespace, table: dict[str, tuple[str, str
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train import train
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun only rank 0 talks on the console; the others log to their own
+        # file in the run directory (train.rank<N>.log, debug level).
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     overrides = flags_to_overrides(args, TRAIN_FLAGS)
     config_file = args.config
     if args.resume and not config_file:

@@ -1,9 +1,11 @@
 """Clustering of feature arrays: PCA-whitening, k-means with the paper's empty-cluster
 rule, and PIC (arrays in, assignments out; nothing here knows about models or data)."""
 
-from .kmeans import BACKENDS, KMeansResult, kmeans, split_empty_clusters
+from .kmeans import BACKENDS, KMeansResult, faiss_has_gpu, kmeans, split_empty_clusters
 from .pic import PICResult, knn_graph, run_pic
 from .preprocess import PCAWhitening, l2_normalize
+from .streaming import StreamingPCA, default_pca_sample, fit_pca_sharded, resolve_pca_sample, sample_indices
 
-__all__ = ["BACKENDS", "KMeansResult", "PCAWhitening", "PICResult", "kmeans", "knn_graph", "l2_normalize",
-           "run_pic", "split_empty_clusters"]
+__all__ = ["BACKENDS", "KMeansResult", "PCAWhitening", "PICResult", "StreamingPCA", "default_pca_sample",
+           "faiss_has_gpu", "fit_pca_sharded", "kmeans", "knn_graph", "l2_normalize", "resolve_pca_sample",
+           "run_pic", "sample_indices", "split_empty_clusters"]

@@ -1,11 +1,19 @@
-"""k-means with the paper's empty-cluster rule, on faiss or torch.
+"""k-means with the paper's empty-cluster rule, on faiss or torch, in one process or many.
 
-Lloyd's algorithm with two interchangeable *assignment* steps (nearest centroid):
-``faiss`` (``IndexFlatL2``, CPU, or GPU when faiss has GPU support) and ``torch``
-(batched matrix products on any device; under ``torch.distributed`` each rank keeps
-its shard of the points and centroid sums and counts are all-reduced, the
-DeepCluster-v2 design). The *update* step and the empty-cluster rule are shared, so
-both backends give identical assignments from the same initial centroids.
+Lloyd's algorithm with interchangeable *assignment* steps (nearest centroid):
+``faiss`` (``IndexFlatL2`` on CPU), ``faiss-gpu`` (the same index on this rank's GPU,
+when faiss has GPU support) and ``torch`` (batched matrix products on any device). The
+*update* step and the empty-cluster rule are shared, so every backend gives identical
+assignments from the same initial centroids.
+
+Distributed (DeepCluster-v2 design, as in swav's ``main_deepclusterv2.py``): under
+``torch.distributed`` each rank keeps only its shard of the points; the initial
+centroids are chosen on rank 0 (``k`` distinct global row numbers, the rows then
+contributed by the ranks that own them), centroid sums, counts and the loss are
+all-reduced, and the empty-cluster rule draws from a generator seeded identically on
+every rank (rank 0's seed is broadcast). Given the global index of every local row, a
+sharded run starts from exactly the centroids a single process would pick with the same
+seed, and gives the same assignments up to the summation order of the centroid sums.
 
 Empty clusters (paper, Section 3.3): "when a cluster becomes empty, we randomly select
 a non-empty cluster and use its centroid with a small random perturbation as the new
@@ -16,6 +24,11 @@ two centroids symmetrically along a random direction and split the donor's point
 the side of the hyperplane they lie on (equivalently, by the nearer of the two new
 centroids). The rule is applied after every assignment step, including the last, so
 the returned assignment never has an empty cluster.
+
+Memory: the points are never copied whole. The torch backend reads them in row chunks
+(so they may be stored as float16/bfloat16 and are converted chunk by chunk); the
+faiss backends need a float32 array (a float16 input is converted once, with a warning
+in the log).
 """
 
 from __future__ import annotations
@@ -27,11 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..distributed import all_reduce_sum
+from ..distributed import (all_gather_counts, all_reduce_sum, broadcast_, broadcast_object, is_distributed, local_rank,
+                           rank)
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("faiss", "faiss-gpu", "torch")
+
+_SUM_CHUNK = 1 << 20  # rows per sparse product in the update step (float32 inside, float64 across)
 
 
 @dataclass
@@ -56,36 +72,69 @@ class KMeansResult:
     seconds: float
 
 
-def _faiss_assign(x: np.ndarray, centroids: np.ndarray, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss was built with GPU support and sees a GPU."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
-    d = centroids.shape[1]
-    index = faiss.IndexFlatL2(d)
-    if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    dist, idx = index.search(x, 1)
-    return idx[:, 0].astype(np.int64), dist[:, 0]
+
+class _FaissAssigner:
+    """Nearest centroid with a flat L2 index, on CPU or on this rank's GPU."""
+
+    def __init__(self, gpu: bool) -> None:
+        import faiss
+
+        self.faiss = faiss
+        self.res = faiss.StandardGpuResources() if gpu else None
+        self.gpu_id = local_rank() % max(faiss.get_num_gpus(), 1) if gpu else -1
+
+    def __call__(self, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = self.faiss.IndexFlatL2(centroids.shape[1])
+        if self.res is not None:
+            index = self.faiss.index_cpu_to_gpu(self.res, self.gpu_id, index)
+        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        dist, idx = index.search(x, 1)
+        return idx[:, 0].astype(np.int64), dist[:, 0]
 
 
 def _torch_assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row of ``x`` (``(N, D)``, any float dtype) among
+    ``centroids`` (``(k, D)`` float32): labels ``(N,)`` int64 and squared distances
+    ``(N,)`` float32. Rows go in chunks of about 256 MB of distances."""
     k = centroids.shape[0]
-    chunk = chunk or max(1, (1 << 26) // max(k, 1))  # ~256 MB of float32 distances per chunk
+    chunk = chunk or max(1, (1 << 26) // max(k, 1))
     c_sq = (centroids * centroids).sum(1)
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     dists = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for s in range(0, x.shape[0], chunk):
-        xb = x[s:s + chunk]
-        d2 = (xb * xb).sum(1, keepdim=True) - 2.0 * (xb @ centroids.T) + c_sq
+        xb = x[s:s + chunk].to(torch.float32)
+        # ||x||^2 is the same for every centroid: argmin over ||c||^2 - 2 x.c, added after.
+        d2 = torch.addmm(c_sq, xb, centroids.T, alpha=-2.0)
         val, idx = d2.min(1)
         labels[s:s + chunk] = idx
-        dists[s:s + chunk] = val.clamp_min_(0.0)
+        dists[s:s + chunk] = (val + (xb * xb).sum(1)).clamp_min_(0.0)
     return labels, dists
 
 
 def _sums_counts(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums ``(k, D)`` and counts ``(k,)`` in float64, over all ranks.
+
+    Chunks of rows are summed in float32 (a sparse one-hot product on CPU, ``index_add_``
+    on GPU: faiss' own update accumulates in float32 too) and the chunks in float64.
+    """
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
-    sums.index_add_(0, labels, x.to(torch.float64))
+    for s in range(0, x.shape[0], _SUM_CHUNK):
+        xb = x[s:s + _SUM_CHUNK].to(torch.float32)
+        lb = labels[s:s + _SUM_CHUNK]
+        if x.device.type == "cpu":
+            onehot = torch.sparse_coo_tensor(torch.stack([lb, torch.arange(lb.numel())]),
+                                             torch.ones(lb.numel()), (k, lb.numel()), check_invariants=False)
+            sums += torch.sparse.mm(onehot, xb)
+        else:
+            sums += torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, lb, xb)
     counts = torch.bincount(labels, minlength=k).to(torch.float64)
     all_reduce_sum(sums)
     all_reduce_sum(counts)
@@ -121,7 +170,7 @@ def split_empty_clusters(
         # The donor's points go to the nearer of the two new centroids: the side of the
         # hyperplane through c_i orthogonal to the perturbation.
         members = torch.nonzero(labels == i).flatten()
-        side = ((x[members] - ci) @ direction) > 0
+        side = ((x[members].to(centroids.dtype) - ci) @ direction) > 0
         n_side = all_reduce_sum(torch.tensor([float(side.sum()), float(members.numel())], dtype=torch.float64, device=x.device))
         if n_side[0] == 0 or n_side[0] == n_side[1]:
             # Degenerate (identical points): split by position instead.
@@ -141,6 +190,40 @@ def split_empty_clusters(
     return fixed
 
 
+def _global_rows(n_local: int, indices: np.ndarray | torch.Tensor | None, n_total: int) -> np.ndarray:
+    """Global row number of each local row: ``indices`` if given, else rank order."""
+    if indices is None:
+        counts = all_gather_counts(n_local)
+        offset = sum(counts[:rank()])
+        return np.arange(offset, offset + n_local, dtype=np.int64)
+    ids = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices).astype(np.int64).ravel()
+    if ids.shape[0] != n_local:
+        raise ValueError(f"indices has {ids.shape[0]} entries for {n_local} points")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_total):
+        raise ValueError(f"indices must lie in [0, {n_total}) (the number of points over all ranks)")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("indices contains duplicates; each point needs its own global index")
+    return ids
+
+
+def _initial_centroids(x: torch.Tensor, k: int, rng: np.random.Generator, n_total: int,
+                       indices: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """``k`` distinct random points (global rows drawn on rank 0), ``(k, D)`` float32."""
+    chosen = rng.choice(n_total, k, replace=False)  # same draw as a single process with this seed
+    if not is_distributed() and indices is None:
+        return x[torch.from_numpy(chosen).to(x.device)].to(torch.float32).clone()
+    chosen = broadcast_object(chosen)  # rank 0's choice wins
+    ids = _global_rows(x.shape[0], indices, n_total)
+    order = np.argsort(ids)
+    pos = np.searchsorted(ids[order], chosen)
+    pos = np.minimum(pos, max(len(ids) - 1, 0))
+    owned = (ids[order][pos] == chosen) if len(ids) else np.zeros(k, dtype=bool)
+    init = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device)
+    rows = torch.from_numpy(order[pos[owned]]).to(x.device)
+    init[torch.from_numpy(np.nonzero(owned)[0]).to(x.device)] = x[rows].to(torch.float32)
+    return all_reduce_sum(init)  # each row is contributed by exactly one rank
+
+
 def kmeans(
     x: np.ndarray | torch.Tensor,
     k: int,
@@ -149,58 +232,76 @@ def kmeans(
     backend: str = "faiss",
     init_centroids: np.ndarray | None = None,
     device: str | torch.device | None = None,
+    indices: np.ndarray | torch.Tensor | None = None,
 ) -> KMeansResult:
-    """Cluster the rows of ``x`` (``(N, D)`` float32) into ``k`` clusters.
+    """Cluster the rows of ``x`` (``(N, D)``) into ``k`` clusters.
 
     Args:
-        x: the points (this rank's shard when distributed; then ``backend`` must be
-            ``"torch"`` and ``init_centroids`` must be given or ``seed`` equal on ranks).
-        k: number of clusters; must not exceed the number of points.
+        x: the points, float32 (float16/bfloat16 accepted: the torch backend converts
+            chunk by chunk). Under ``torch.distributed``: this rank's shard; every
+            backend then works on its shard and all-reduces sums and counts.
+        k: number of clusters; must not exceed the number of points (over all ranks).
         niter: Lloyd iterations (paper: 20). All points are used (no subsampling).
         seed: seeds the initial centroids (``k`` distinct random points) and the
-            empty-cluster rule. The paper draws a new seed every epoch.
+            empty-cluster rule. The paper draws a new seed every epoch. Distributed:
+            rank 0's value is used on every rank.
         backend: ``"faiss"``, ``"faiss-gpu"`` or ``"torch"`` (see module docstring).
-        init_centroids: ``(k, D)`` start instead of random points.
+        init_centroids: ``(k, D)`` start instead of random points (rank 0's is used).
         device: device for the torch backend (default: where ``x`` lives, else CPU).
+        indices: ``(N,)`` global row number of each local row (distributed only; the
+            default numbers the rows rank after rank). With the data-set indices, a
+            sharded run draws the same initial points as one process on the whole set.
+
+    Raises:
+        ValueError: unknown backend, ``faiss-gpu`` without GPU faiss, ``k`` out of
+            range, a NaN/Inf in ``x``, or malformed ``init_centroids``/``indices``.
     """
     t0 = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "faiss-gpu":
-        import faiss
-
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-            raise ValueError("--kmeans faiss-gpu needs a GPU build of faiss and a GPU; use --kmeans torch")
+    if backend == "faiss-gpu" and not faiss_has_gpu():
+        raise ValueError("--kmeans faiss-gpu needs a GPU build of faiss and a GPU; use --kmeans torch "
+                         "(runs on the GPU without faiss) or --kmeans faiss (CPU)")
     xt = torch.as_tensor(x)
-    if device is not None:
+    if device is not None and backend == "torch":
         xt = xt.to(device)
-    xt = xt.to(torch.float32).contiguous()
+    if backend != "torch" or xt.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if xt.dtype in (torch.float16, torch.bfloat16) and backend != "torch":
+            logger.info("k-means %s: converting %s points to float32 (%.1f GB)", backend, xt.dtype,
+                        xt.numel() * 4 / 1e9)
+        xt = xt.to(torch.float32)
+    if backend != "torch":
+        xt = xt.cpu()
+    xt = xt.contiguous()
     if xt.ndim != 2:
         raise ValueError(f"k-means expects a 2-D array, got shape {tuple(xt.shape)}")
     n_local, d = xt.shape
-    n_total = int(all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=xt.device)).item())
+    n_total = int(all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k > n_total:
         raise ValueError(f"k={k} is larger than the number of points ({n_total}); lower --k")
-    if not torch.isfinite(xt).all():
-        bad = int((~torch.isfinite(xt)).any(1).sum())
-        raise ValueError(f"k-means input has NaN or Inf in {bad} rows")
+    bad = torch.zeros((), dtype=torch.float64)
+    for s in range(0, n_local, _SUM_CHUNK):  # a row with a NaN/Inf has a non-finite sum (much faster than isfinite)
+        bad += float((~torch.isfinite(xt[s:s + _SUM_CHUNK].sum(1, dtype=torch.float64))).sum())
+    if int(all_reduce_sum(bad).item()):
+        raise ValueError(f"k-means input has NaN or Inf in {int(bad.item())} rows")
+    seed = broadcast_object(seed)
     rng = np.random.default_rng(seed)
     if init_centroids is not None:
         centroids = torch.as_tensor(np.asarray(init_centroids, dtype=np.float32)).to(xt.device).clone()
         if centroids.shape != (k, d):
             raise ValueError(f"init_centroids has shape {tuple(centroids.shape)}, expected {(k, d)}")
+        broadcast_(centroids)
     else:
-        if n_local != n_total:
-            raise ValueError("distributed k-means needs init_centroids chosen on one rank and broadcast")
-        centroids = xt[torch.from_numpy(rng.choice(n_local, k, replace=False)).to(xt.device)].clone()
+        centroids = _initial_centroids(xt, k, rng, n_total, indices)
 
-    x_np = xt.numpy() if backend.startswith("faiss") else None
+    faiss_assign = _FaissAssigner(backend == "faiss-gpu") if backend != "torch" else None
+    x_np = xt.numpy() if faiss_assign is not None else None
 
     def assign(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x_np is not None:
-            lab, dist = _faiss_assign(x_np, c.cpu().numpy(), backend == "faiss-gpu")
+        if faiss_assign is not None:
+            lab, dist = faiss_assign(x_np, c.cpu().numpy())
             return torch.from_numpy(lab), torch.from_numpy(dist)
         return _torch_assign(xt, c)
 
@@ -216,10 +317,12 @@ def kmeans(
     n_fixed_final = split_empty_clusters(xt, labels, centroids, counts, rng)
     fixed += n_fixed_final
     if n_fixed_final:
-        dist = ((xt - centroids[labels]) ** 2).sum(1)
+        dist = torch.cat([((xt[s:s + _SUM_CHUNK].to(torch.float32) - centroids[labels[s:s + _SUM_CHUNK]]) ** 2).sum(1)
+                          for s in range(0, n_local, _SUM_CHUNK)]) if n_local else dist
     loss = float(all_reduce_sum(dist.to(torch.float64).sum()).item()) / n_total
     seconds = time.perf_counter() - t0
-    logger.debug("k-means: N=%d D=%d k=%d loss=%.4f empty-fixed=%d %.2fs", n_total, d, k, loss, fixed, seconds)
+    logger.debug("k-means %s: N=%d D=%d k=%d loss=%.4f empty-fixed=%d %.2fs", backend, n_total, d, k, loss, fixed,
+                 seconds)
     return KMeansResult(
         assignments=labels.cpu().numpy().astype(np.int64),
         centroids=centroids.cpu().numpy().astype(np.float32),

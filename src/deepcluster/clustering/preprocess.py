@@ -58,15 +58,21 @@ class PCAWhitening:
             bad = int((~np.isfinite(x)).any(1).sum())
             raise ValueError(f"features contain NaN or Inf in {bad} rows; the network has diverged")
         n, d = x.shape
-        dim = min(self.dim, d, n - 1)
-        if dim < self.dim:
-            logger.info("PCA dim %d clamped to %d (feature dim %d, %d samples)", self.dim, dim, d, n)
         mean = x.mean(0, dtype=np.float64)
         cov = np.zeros((d, d), dtype=np.float64)
         for start in range(0, n, 8192):  # chunked so the float64 copy stays small
             xc = x[start:start + 8192].astype(np.float64) - mean
             cov += xc.T @ xc
         cov /= n - 1
+        return self.fit_moments(mean, cov, n)
+
+    def fit_moments(self, mean: np.ndarray, cov: np.ndarray, n: int) -> "PCAWhitening":
+        """Fit from the sample mean ``(D,)`` and covariance ``(D, D)`` (float64) of ``n``
+        rows: what :meth:`fit` computes, and what sharded fits all-reduce."""
+        d = cov.shape[0]
+        dim = min(self.dim, d, n - 1)
+        if dim < self.dim:
+            logger.info("PCA dim %d clamped to %d (feature dim %d, %d samples)", self.dim, dim, d, n)
         eigval, eigvec = np.linalg.eigh(cov)  # ascending
         order = np.argsort(eigval)[::-1][:dim]
         eigval = np.clip(eigval[order], 0.0, None)

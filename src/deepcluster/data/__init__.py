@@ -60,6 +60,23 @@ def build_source(name: str, root: str | None = None, split: str = "train", downl
     return FolderSource(root, max_bad_fraction=max_bad_fraction)
 
 
+def training_source(data: dict, seed: int) -> ImageSource:
+    """The images a run trained on, from its ``data`` config section (as a dict).
+
+    The same source ``deepcluster train`` builds: ``build_source`` over ``name``,
+    ``root``, ``split``, then, with ``subset``, the fixed random subset drawn with the
+    run's ``seed`` (sorted indices, so image ``i`` of the run is ``source.indices[i]``
+    of the split).
+    """
+    source = build_source(data["name"], data.get("root"), data.get("split", "train"), data.get("download", True),
+                          data.get("max_bad_fraction", 0.5))
+    subset = data.get("subset")
+    if subset is not None and subset < len(source):
+        idx = np.sort(np.random.default_rng(seed).choice(len(source), subset, replace=False))
+        source = Subset(source, idx)
+    return source
+
+
 class IndexedDataset(Dataset):
     """``source`` with ``transform``; item ``i`` is ``(transform(image_i), i)``."""
 
@@ -119,5 +136,5 @@ __all__ = [
     "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
     "IndexedDataset", "LabelledDataset", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
     "balanced_plan", "build_source", "cluster_transform", "image_spec", "inverse_size_weights",
-    "train_transform",
+    "train_transform", "training_source",
 ]

@@ -8,6 +8,7 @@ file paths. Data sets for training and evaluation wrap a source with a transform
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import shutil
@@ -79,6 +80,18 @@ def _find_idx_dir(candidates: Sequence[Path], folder_name: str) -> Path | None:
     return None
 
 
+def _content_key(idx_dir: Path) -> str:
+    """A short hash of the four MNIST-format files in ``idx_dir`` (as stored, plain or ``.gz``)."""
+    h = hashlib.sha1()
+    for f in _MNIST_FILES:
+        src = idx_dir / f if (idx_dir / f).exists() else idx_dir / (f + ".gz")
+        h.update(src.name.encode())
+        with open(src, "rb") as inp:
+            for chunk in iter(lambda: inp.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _torchvision_mnist_root(idx_dir: Path, folder_name: str) -> Path:
     """A root torchvision's MNIST-style classes read: ``ROOT/<folder_name>/raw/<files>``.
 
@@ -89,7 +102,9 @@ def _torchvision_mnist_root(idx_dir: Path, folder_name: str) -> Path:
         (idx_dir / f).exists() for f in _MNIST_FILES
     ):
         return idx_dir.parent.parent
-    root = _cache_dir() / "torchvision"
+    # Keyed by the files' content: two data roots holding different files under the same
+    # names (a test fixture and the real data set, say) must never share a cache entry.
+    root = _cache_dir() / "torchvision" / _content_key(idx_dir)
     raw = root / folder_name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for f in _MNIST_FILES:
@@ -166,26 +181,60 @@ def stl10(root: str | None, split: str, download: bool) -> TorchvisionSource:
     return TorchvisionSource(ds, "stl10", None if (labels < 0).all() else labels, ds.classes)
 
 
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any decoded image, with one policy for the odd modes.
+
+    - 16-bit (and 32-bit integer) grey, e.g. 16-bit PNG: scaled to 8 bits (x 255/65535)
+      instead of clipped (PIL's own conversion turns nearly every pixel white);
+    - transparency (RGBA, LA, PA, palette or grey/RGB with a transparent colour):
+      composited over white, so hidden pixels never leak their arbitrary colour;
+    - CMYK, YCbCr, palette, 1-bit, grey: PIL's conversion.
+    """
+    if img.mode in _WIDE_GREY:
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(arr * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def _check_image(path: str) -> str | None:
-    """Decode ``path`` fully; ``None`` if usable, else the reason."""
+    """Decode ``path`` fully; ``None`` if usable, else the reason.
+
+    Images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (89.5 M pixels by default) are
+    refused as decompression bombs before any pixel is decoded.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                img.convert("RGB")
+                to_rgb(img)
     except Exception as e:  # noqa: BLE001 - every decoder failure is a reason to skip
-        return f"{type(e).__name__}: {e}".splitlines()[0]
+        return f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
     return None
+
+
+def _scan_threads() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 class FolderSource(ImageSource):
     """Images under a folder: an ImageFolder tree (class sub-folders give labels, used
     only for analysis) or a flat/recursive folder of unlabelled images.
 
-    Every image is decoded once when the source is built; files that fail (truncated,
-    empty, not an image, decompression bombs) are skipped, counted and listed in
-    ``skipped`` as ``(path, reason)``. More than ``max_bad_fraction`` failing is an error.
+    Files are chosen by extension (``IMAGE_EXTENSIONS``, any case; other files are
+    ignored and counted in ``ignored``); the content decides the decoder, so a PNG named
+    ``.jpg`` is read. Every image is decoded once when the source is built (in threads);
+    files that fail (truncated, empty, not an image, decompression bombs) are skipped,
+    counted and listed in ``skipped`` as ``(path, reason)``; the training loop writes
+    them to ``skipped_images.txt`` in the run directory. More than ``max_bad_fraction``
+    failing is an error. Odd modes (16-bit, CMYK, transparency) follow :func:`to_rgb`.
     """
 
     def __init__(self, root: str, max_bad_fraction: float = 0.5, check: bool = True) -> None:
@@ -198,6 +247,7 @@ class FolderSource(ImageSource):
         top_images = [p for p in rootp.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         subdirs = [p for p in rootp.iterdir() if p.is_dir() and not p.name.startswith(".")]
         files: list[tuple[str, int]] = []
+        self.ignored = 0
         if subdirs and not top_images:
             classes, class_to_idx = find_classes(str(rootp))
             for c in classes:
@@ -205,6 +255,8 @@ class FolderSource(ImageSource):
                     for fn in sorted(names):
                         if fn.lower().endswith(IMAGE_EXTENSIONS):
                             files.append((os.path.join(dirpath, fn), class_to_idx[c]))
+                        else:
+                            self.ignored += 1
             self.classes = classes
         else:
             for dirpath, dirnames, names in sorted(os.walk(rootp, followlinks=True)):
@@ -212,13 +264,21 @@ class FolderSource(ImageSource):
                 for fn in sorted(names):
                     if fn.lower().endswith(IMAGE_EXTENSIONS):
                         files.append((os.path.join(dirpath, fn), -1))
+                    else:
+                        self.ignored += 1
+        if self.ignored:
+            logger.info("ignored %d files under %s without an image extension (%s)", self.ignored, root,
+                        " ".join(IMAGE_EXTENSIONS))
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self.skipped: list[tuple[str, str]] = []
         if check:
+            from concurrent.futures import ThreadPoolExecutor
+
             good = []
-            for path, label in files:
-                reason = _check_image(path)
+            with ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
+                reasons = list(pool.map(_check_image, [p for p, _ in files]))
+            for (path, label), reason in zip(files, reasons):
                 if reason is None:
                     good.append((path, label))
                 else:
@@ -243,6 +303,6 @@ class FolderSource(ImageSource):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); it changed since the scan") from None

@@ -35,10 +35,28 @@ def cluster_transform(spec: ImageSpec) -> T.Compose:
     ])
 
 
-def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True) -> T.Compose:
-    """Random resized crop + horizontal flip (the paper's training augmentation)."""
-    ops = [T.RandomResizedCrop(spec.size, scale=crop_scale)]
+def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
+                    affine: float = 0.0, erasing: float = 0.0) -> T.Compose:
+    """Random resized crop + horizontal flip (the paper's training augmentation).
+
+    Args:
+        crop_scale: area range of ``RandomResizedCrop`` (paper: torchvision's default
+            0.08-1).
+        hflip: random horizontal flips.
+        affine: if > 0, a random affine warp first: rotation up to ``15 * affine``
+            degrees, translation up to ``0.1 * affine`` of the side, shear up to
+            ``10 * affine`` degrees (an option for small grey images, where crops and flips
+            are almost the only invariances the paper's augmentation teaches).
+        erasing: probability of ``RandomErasing`` (a random rectangle set to 0 after
+            normalisation), 0 to disable.
+    """
+    ops: list = []
+    if affine > 0:
+        ops.append(T.RandomAffine(degrees=15 * affine, translate=(0.1 * affine, 0.1 * affine), shear=10 * affine))
+    ops.append(T.RandomResizedCrop(spec.size, scale=crop_scale))
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    if erasing > 0:
+        ops.append(T.RandomErasing(p=erasing, scale=(0.02, 0.2)))
     return T.Compose(ops)

@@ -33,3 +33,97 @@ def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
 def save_figure(fig: Figure, path) -> None:
     fig.savefig(path)
     plt.close(fig)
+
+
+def _epochs_and(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    return ([e for e, _ in pts], [v for _, v in pts]) if pts else ([], [])
+
+
+def plot_losses(records: Sequence[dict[str, Any]]) -> Figure:
+    """Convnet loss (cross-entropy on the pseudo-labels) and clustering loss (mean
+    squared distance to the centroid, in the PCA-whitened space), per epoch.
+
+    The two are on different scales, so each has its own panel.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    for ax, key, title in ((axes[0], "convnet_loss", "convnet loss (cross-entropy)"),
+                           (axes[1], "clustering_loss", "clustering loss (k-means)")):
+        e, v = _epochs_and(records, key)
+        ax.plot(e, v, marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cluster_sizes(records: Sequence[dict[str, Any]]) -> Figure:
+    """Spread of the cluster sizes per epoch: min, median, max (log scale) and the
+    number of empty clusters (re-seeded by the empty-cluster rule)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, label in (("cluster_size_max", "largest"), ("cluster_size_median", "median"),
+                       ("cluster_size_min", "smallest")):
+        e, v = _epochs_and(records, key)
+        ax.plot(e, [max(x, 0.5) for x in v], marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("images per cluster")
+    ax.grid(alpha=0.3, which="both")
+    e, v = _epochs_and(records, "empty_reseeded")
+    title = "cluster sizes"
+    if v and any(v):
+        title += f" (empty clusters re-seeded: {int(sum(v))} in all)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+PHASES = (("extract_s", "extract features"), ("pca_s", "PCA"), ("kmeans_s", "clustering"), ("train_s", "train"))
+
+
+def plot_timings(records: Sequence[dict[str, Any]]) -> Figure:
+    """Seconds per phase of each epoch, stacked (the rest of ``epoch_s`` is "other")."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    epochs = [r["epoch"] for r in records]
+    bottom = [0.0] * len(records)
+    for key, label in PHASES:
+        vals = [float(r.get(key) or 0.0) for r in records]
+        ax.bar(epochs, vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    other = [max(0.0, float(r.get("epoch_s") or 0.0) - b) for r, b in zip(records, bottom)]
+    if any(o > 0.005 * max(bottom + [1e-9]) for o in other):
+        ax.bar(epochs, other, bottom=bottom, label="other", color="0.75")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("seconds")
+    ax.set_title("time per phase", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def plot_size_histogram(sizes, title: str | None = None) -> Figure:
+    """Histogram of cluster sizes (how many clusters have how many images), with
+    logarithmic bins when the sizes span more than a factor 10."""
+    import numpy as np
+
+    sizes = np.asarray(sizes)
+    nonempty = sizes[sizes > 0]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if nonempty.size:
+        lo, hi = nonempty.min(), nonempty.max()
+        if hi > 10 * lo:
+            bins = np.logspace(np.log10(lo), np.log10(hi + 1), 30)
+            ax.set_xscale("log")
+        else:
+            bins = min(30, max(5, int(hi - lo + 1)))
+        ax.hist(nonempty, bins=bins, color="C0", edgecolor="white")
+    ax.set_xlabel("images in the cluster")
+    ax.set_ylabel("number of clusters")
+    n_empty = int((sizes == 0).sum())
+    ax.set_title(title or f"cluster sizes ({len(sizes)} clusters, {n_empty} empty)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,136 @@
+"""How much does DeepCluster cost over supervised training? (issue: epoch overhead)
+
+On Fashion-MNIST with ``alexnet_small``, times one DeepCluster epoch (extraction + PCA +
+k-means + training on pseudo-labels) and one supervised epoch of the same network on
+the same images with the true labels (same batch size, augmentation, optimiser),
+alternating them in one process so both see the same machine load. Targets: DeepCluster
+epoch <= 1.4 x supervised epoch; PCA + k-means <= 5 % of the DeepCluster epoch.
+
+    python benchmarks/epoch_overhead.py                 # full 60k, 2 rounds (~12 min on 2 cores)
+    python benchmarks/epoch_overhead.py --subset 5000 --rounds 1 --out /tmp/x.md   # quick
+
+Writes ``docs/benchmarks/epoch_overhead.json`` and the table in ``docs/BENCHMARKS.md``
+(between the markers of its section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, machine_line  # noqa: E402
+
+from deepcluster.config import resolve  # noqa: E402
+from deepcluster.data import IndexedDataset, LabelledDataset, cluster_transform, image_spec, train_transform  # noqa: E402
+from deepcluster.train import (build_head_optimizer, build_model, build_optimizer, build_training_source,  # noqa: E402
+                               run_epoch)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def supervised_epoch(model, optimizer, source, spec, cfg) -> float:
+    """One epoch of cross-entropy on the true labels; returns seconds."""
+    ds = LabelledDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip))
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True,
+                                         num_workers=cfg.run.workers, generator=g)
+    head_opt = build_head_optimizer(model, cfg)
+    model.train()
+    crit = nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    for x, y in loader:
+        loss = crit(model(x), y)
+        optimizer.zero_grad()
+        head_opt.zero_grad()
+        loss.backward()
+        optimizer.step()
+        head_opt.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--subset", type=int, default=None, help="images (default: all 60k)")
+    ap.add_argument("--rounds", type=int, default=2, help="DeepCluster/supervised epoch pairs")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown table here instead of docs/")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = resolve(overrides={"data": {"subset": args.subset}, "cluster": {"k": args.k},
+                             "run": {"workers": args.workers, "output_dir": "/tmp/unused"}})
+    source = build_training_source(cfg)
+    spec = image_spec(cfg.data.name)
+    labels = source.labels
+    n_cls = int(labels.max()) + 1
+    dc_model = build_model(cfg, spec.size, cfg.cluster.k)
+    dc_opt = build_optimizer(dc_model, cfg)
+    sup_model = build_model(cfg, spec.size, n_cls)
+    sup_opt = build_optimizer(sup_model, cfg)
+    cluster_ds = IndexedDataset(source, cluster_transform(spec))
+    train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip))
+    history = np.zeros((0, len(source)), dtype=np.int32)
+    dc, sup = [], []
+    for r in range(args.rounds):
+        rec = run_epoch(cfg, r, dc_model, dc_opt, cluster_ds, train_ds, labels, history, torch.device("cpu"))
+        history = np.concatenate([history, rec.pop("_assignments")[None].astype(np.int32)])
+        dc.append({k: rec[k] for k in ("extract_s", "pca_s", "kmeans_s", "train_s", "epoch_s")})
+        sup_model.reset_head(n_cls)
+        sup.append(supervised_epoch(sup_model, sup_opt, source, spec, cfg))
+        print(f"round {r}: DeepCluster {dc[-1]['epoch_s']:.1f}s {dc[-1]} | supervised {sup[-1]:.1f}s", flush=True)
+    med = {k: statistics.median(d[k] for d in dc) for k in dc[0]}
+    sup_s = statistics.median(sup)
+    ratio = med["epoch_s"] / sup_s
+    cluster_share = (med["pca_s"] + med["kmeans_s"]) / med["epoch_s"]
+    info = machine_info()
+    result = {"machine": info, "images": len(source), "k": args.k, "rounds": args.rounds,
+              "deepcluster_epoch_s": med, "supervised_epoch_s": sup_s, "ratio": ratio,
+              "pca_kmeans_share": cluster_share, "raw": {"deepcluster": dc, "supervised": sup}}
+    rows = [
+        ("extraction (no augmentation)", med["extract_s"]), ("PCA-whitening", med["pca_s"]),
+        ("k-means", med["kmeans_s"]), ("training on pseudo-labels", med["train_s"]),
+        ("**DeepCluster epoch**", med["epoch_s"]), ("**supervised epoch**", sup_s),
+    ]
+    table = ["| phase | seconds | share of DeepCluster epoch |", "|---|---:|---:|"]
+    table += [f"| {name} | {s:.1f} | {s / med['epoch_s']:.1%} |" for name, s in rows]
+    verdict = (f"DeepCluster / supervised epoch = **{ratio:.2f}x** (target <= 1.4x: "
+               f"{'met' if ratio <= 1.4 else 'missed'}); PCA + k-means = **{cluster_share:.1%}** of the epoch "
+               f"(target <= 5 %: {'met' if cluster_share <= 0.05 else 'missed'}).")
+    text = "\n".join([f"Fashion-MNIST, {len(source)} images, alexnet_small, k={args.k}, batch {cfg.optim.batch_size}, "
+                      f"{args.workers} loader worker(s); median of {args.rounds} alternating rounds.", "",
+                      *table, "", verdict, "", f"Machine: {machine_line(info)}.",
+                      "Command: `python benchmarks/epoch_overhead.py" + (f" --subset {args.subset}" if args.subset else "")
+                      + (f" --rounds {args.rounds}" if args.rounds != 2 else "") + "`"])
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+        return
+    (DOCS / "benchmarks").mkdir(parents=True, exist_ok=True)
+    (DOCS / "benchmarks" / "epoch_overhead.json").write_text(json.dumps(result, indent=2))
+    replace_section(DOCS / "BENCHMARKS.md", "epoch_overhead", text)
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = path.read_text() if path.exists() else ""
+    if start in doc and end in doc:
+        before, rest = doc.split(start, 1)
+        after = rest.split(end, 1)[1]
+        doc = f"{before}{start}\n{text}\n{end}{after}"
+    else:
+        doc += f"\n{start}\n{text}\n{end}\n"
+    path.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""``deepcluster export RUN_DIR``: every training image's cluster (and features) as a table."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..export import FEATURE_KINDS, FORMATS
+
+    p = sub.add_parser("export", help="write every image's cluster (CSV, Parquet or .npy)",
+                       description="Write one row per training image: data-set index, path (folders), label "
+                       "(when labelled), cluster (nearest centroid under the checkpoint, what `deepcluster "
+                       "assign` gives), kmeans_cluster (the last epoch's k-means cluster), squared distance "
+                       "to the centroid, and optionally the feature vector.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `deepcluster train` run")
+    p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), parquet (needs pyarrow) or npy "
+                   "(a structured array: np.load(FILE)['cluster'])")
+    p.add_argument("--output", "-o", help="output file (default RUN_DIR/clusters.FORMAT; '-' = CSV on stdout)")
+    p.add_argument("--features", nargs="?", const="pca", choices=FEATURE_KINDS,
+                   help="also write each image's features: pca (default; the space of the centroids) or fc7")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes for the feature pass")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_run
+
+    res = export_run(args.run_dir, args.output, args.format, args.features, args.batch_size, args.workers,
+                     args.device)
+    if res.path is not None:
+        print(res.path)
+    return 0

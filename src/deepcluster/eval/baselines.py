@@ -1,0 +1,115 @@
+"""Baselines evaluated in the same harness as DeepCluster.
+
+- **raw pixels**: :func:`~deepcluster.eval.context.open_pixels` gives an evaluation
+  context whose only feature is the normalised input (linear, k-NN and k-means run on it).
+- **random init**: :func:`make_random_init` writes a checkpoint of the run's architecture
+  with the weights the run started from (same seed, same construction order).
+- **supervised**: :func:`train_supervised` trains the same architecture from the same
+  initial weights with the labels, for the run's number of epochs, with the run's
+  optimiser (SGD, constant lr, momentum, weight decay, batch size) and augmentation, and
+  writes a checkpoint.
+
+Both checkpoints load with :func:`~deepcluster.checkpoint.load_model`, so every protocol
+runs on them unchanged (``meta["method"]`` is ``random`` / ``supervised``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import LabelledDataset, Subset, build_source, image_spec, train_transform
+from .context import machine_info
+from .nettrain import fresh_model, train_network
+from .splits import require_labels
+
+logger = logging.getLogger(__name__)
+
+
+def _target(output: str | Path) -> Path:
+    out = Path(output)
+    if out.suffix != ".pt":
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / "checkpoint.pt"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _baseline_state(state: dict[str, Any], model, method: str, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    meta = dict(state.get("meta", {}))
+    meta.update({"method": method, "k": int(model.num_clusters)})
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta,
+            "config": state.get("config", {}), "epoch": epoch, **extra}
+
+
+def make_random_init(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write the random-init baseline of ``checkpoint``'s run to ``output`` (a directory
+    or a ``.pt`` path); returns the checkpoint file."""
+    state = load_checkpoint(checkpoint)
+    model = fresh_model(state)
+    out = _target(output)
+    save_checkpoint(_baseline_state(state, model, "random", 0, {"source_checkpoint": str(checkpoint),
+                                                                "train_seconds": 0.0}), out)
+    logger.info("random-init baseline of %s written to %s", checkpoint, out)
+    return out
+
+
+def train_supervised(checkpoint: str | Path, output: str | Path, *, epochs: int | None = None,
+                     subset: int | None = None, device: str = "cpu", workers: int = 0,
+                     data_root: str | None = None) -> Path:
+    """Train the supervised top-line of ``checkpoint``'s run and write it to ``output``.
+
+    Args:
+        checkpoint: the DeepCluster run (architecture, seed, optimiser, epochs, data).
+        output: a directory (``checkpoint.pt`` inside) or a ``.pt`` path.
+        epochs: default: the run's number of completed epochs.
+        subset: train on a fixed random subset of this many images (quick runs);
+            default: the run's own subset setting.
+        data_root: replaces the run's data root.
+
+    Raises:
+        DataError: the run's training data has no labels.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = state.get("config", {})
+    data, optim, run = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("run", {})
+    name, root = data.get("name", "fashion-mnist"), data_root or data.get("root")
+    source = build_source(name, root, "train", False)
+    labels = require_labels(source, "the supervised baseline", f"data set {name!r}" + (f" at {root}" if root else ""))
+    subset = subset if subset is not None else data.get("subset")
+    if subset is not None and subset < len(source):  # the training loop's subset rule
+        source = Subset(source, np.sort(np.random.default_rng(run.get("seed", 0)).choice(len(source), subset,
+                                                                                         replace=False)))
+        labels = np.asarray(source.labels)
+    epochs = epochs if epochs is not None else int(state.get("epoch", optim.get("epochs", 1)))
+    if epochs < 1:
+        raise ValueError(f"the supervised baseline needs >= 1 epoch, got {epochs}; pass --epochs")
+    num_classes = int(labels.max()) + 1
+    model = fresh_model(state)  # the DeepCluster run's initial weights
+    model.reset_head(num_classes, generator=torch.Generator().manual_seed(run.get("seed", 0)))
+    spec = image_spec(name, state["meta"]["image_size"])
+    transform = train_transform(spec, tuple(optim.get("crop_scale", (0.08, 1.0))), optim.get("hflip", True))
+    bs = int(optim.get("batch_size", 256))
+    steps = epochs * math.ceil(len(source) / bs)
+    logger.info("supervised baseline: %s on %d labelled images, %d epochs (%d steps of %d), lr %g constant",
+                state["meta"]["arch"], len(source), epochs, steps, bs, optim.get("lr", 0.05))
+    t0 = time.perf_counter()
+    stats = train_network(model, LabelledDataset(source, transform), steps=steps, batch_size=bs,
+                          lr=optim.get("lr", 0.05), momentum=optim.get("momentum", 0.9),
+                          weight_decay=optim.get("weight_decay", 1e-5), schedule="constant", trainable="all",
+                          seed=run.get("seed", 0), device=device, workers=workers, desc="supervised")
+    seconds = time.perf_counter() - t0
+    out = _target(output)
+    save_checkpoint(_baseline_state(state, model, "supervised", epochs, {
+        "source_checkpoint": str(checkpoint), "train_seconds": seconds, "train_images": len(source),
+        "train_stats": stats, "machine": {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}}), out)
+    logger.info("supervised baseline written to %s (%.0f s, last-pass loss %.3f)", out, seconds, stats["loss"])
+    return out

@@ -1,0 +1,196 @@
+"""What every protocol needs: the frozen encoder, the labelled data, the feature store,
+where results go. Built from a checkpoint (:func:`open_checkpoint`) or for the raw-pixel
+baseline (:func:`open_pixels`).
+
+Results of a checkpoint go to ``eval/`` in its run directory (``RUN/eval/<protocol>.json``),
+or to ``<stem>_eval/`` next to a ``.pt`` file with another name; cached features to
+``cache/`` inside that folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError, atomic_write, load_model
+from ..models import DeepClusterNet
+from .features import Encoder, FeatureStore, NetEncoder, PixelEncoder, is_greyscale
+from .splits import EvalData, load_eval_data
+
+logger = logging.getLogger(__name__)
+
+
+def results_dir_for(checkpoint: str | Path) -> Path:
+    """``RUN/eval`` for a run directory or ``RUN/checkpoint.pt``; ``DIR/<stem>_eval`` for ``DIR/<stem>.pt``."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        return p / "eval"
+    if p.name == "checkpoint.pt":
+        return p.parent / "eval"
+    return p.parent / f"{p.stem}_eval"
+
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    p = Path(checkpoint)
+    return p / "checkpoint.pt" if p.is_dir() else p
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, accelerator, torch version and the date: recorded with every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": str(torch.__version__),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+@dataclass
+class EvalContext:
+    """Everything a protocol function needs.
+
+    Attributes:
+        encoder: frozen features (a network's or raw pixels).
+        data: the labelled train/test images and the validation part.
+        store: cached features of ``data`` under ``encoder``.
+        results_dir: where ``<protocol>.json`` files go.
+        device: where networks run.
+        model: the network (``None`` for raw pixels).
+        state: the checkpoint dict (``None`` for raw pixels).
+        checkpoint: the checkpoint path (``None`` for raw pixels).
+        method: ``deepcluster``, ``random``, ``supervised`` (from the checkpoint) or ``pixels``.
+        batch_size, workers, seed: extraction / training settings shared by the protocols.
+    """
+
+    encoder: Encoder
+    data: EvalData
+    store: FeatureStore
+    results_dir: Path
+    device: torch.device
+    model: DeepClusterNet | None = None
+    state: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    method: str = "deepcluster"
+    batch_size: int = 256
+    workers: int = 0
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_model(self, protocol: str) -> DeepClusterNet:
+        if self.model is None:
+            raise ValueError(f"{protocol} trains a network and needs --checkpoint RUN_DIR_OR_FILE, not raw pixels")
+        return self.model
+
+    def header(self, protocol: str) -> dict[str, Any]:
+        """The common part of every result file."""
+        meta = (self.state or {}).get("meta", {})
+        return {
+            "protocol": protocol,
+            "method": self.method,
+            "checkpoint": self.checkpoint,
+            "epoch": (self.state or {}).get("epoch"),
+            "arch": meta.get("arch"),
+            "data": self.data.info,
+            "machine": machine_info(),
+        }
+
+    def write(self, name: str, payload: dict[str, Any]) -> Path:
+        """Atomically write ``payload`` as ``results_dir/<name>.json``; returns the path."""
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        path = self.results_dir / f"{name}.json"
+        text = json.dumps(payload, indent=2, sort_keys=False, default=_jsonable)
+        atomic_write(path, lambda f: f.write(text.encode()))
+        logger.info("wrote %s", path)
+        return path
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _resolve_data(state: dict[str, Any], data: str | None, data_root: str | None) -> tuple[str, str | None]:
+    cfg_data = state.get("config", {}).get("data", {})
+    name = data or cfg_data.get("name") or state.get("meta", {}).get("data")
+    if not name:
+        raise CheckpointError("the checkpoint does not say which data set it was trained on; pass --data NAME")
+    if data_root is not None:
+        return name, data_root
+    # A different data set than the checkpoint's must not inherit its root.
+    return name, cfg_data.get("root") if name == cfg_data.get("name") else None
+
+
+def open_checkpoint(checkpoint: str | Path, *, protocol: str = "eval", data: str | None = None,
+                    data_root: str | None = None, test_root: str | None = None, subset: int | None = None,
+                    test_subset: int | None = None, val_fraction: float = 0.1, seed: int = 0,
+                    device: str = "cpu", batch_size: int = 256, workers: int = 0, cache: bool = True,
+                    target_dim: int | None = None, download: bool = False) -> EvalContext:
+    """An :class:`EvalContext` for a checkpoint (a run directory or a ``.pt`` file).
+
+    The evaluation data default to the checkpoint's data set (name, root) at its input
+    size; ``data``/``data_root`` replace them.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded.
+        DataError: the data set has no labels (the message names the fix).
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    model, state = load_model(checkpoint, map_location=device)
+    name, root = _resolve_data(state, data, data_root)
+    ev = load_eval_data(name, root, model.image_size, protocol=protocol, test_root=test_root, subset=subset,
+                        test_subset=test_subset, val_fraction=val_fraction, seed=seed, download=download)
+    f = checkpoint_file(checkpoint)
+    st = f.stat()
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{state.get('epoch')}"
+    encoder = NetEncoder(model, key, target_dim=target_dim, device=device)
+    out = results_dir_for(checkpoint)
+    store = FeatureStore(encoder, ev, out / "cache" if cache else None, batch_size=batch_size, workers=workers)
+    method = state.get("meta", {}).get("method", "deepcluster")
+    method = "deepcluster" if method in ("kmeans", "pic") else method
+    return EvalContext(encoder, ev, store, out, torch.device(device), model, state, str(checkpoint), method,
+                       batch_size, workers, seed)
+
+
+def open_pixels(data: str, output_dir: str | Path, *, protocol: str = "eval", data_root: str | None = None,
+                test_root: str | None = None, image_size: int | None = None, subset: int | None = None,
+                test_subset: int | None = None, val_fraction: float = 0.1, seed: int = 0, batch_size: int = 256,
+                workers: int = 0, cache: bool = True, target_dim: int | None = None,
+                download: bool = False) -> EvalContext:
+    """An :class:`EvalContext` for the raw-pixel baseline on data set ``data``.
+
+    Results go to ``output_dir`` (``<output_dir>/<protocol>.json``).
+    """
+    ev = load_eval_data(data, data_root, image_size, protocol=protocol, test_root=test_root, subset=subset,
+                        test_subset=test_subset, val_fraction=val_fraction, seed=seed, download=download)
+    channels = 1 if is_greyscale(ev.train) else 3
+    encoder = PixelEncoder(ev.spec.size, channels, target_dim)
+    out = Path(output_dir)
+    store = FeatureStore(encoder, ev, out / "cache" if cache else None, batch_size=batch_size, workers=workers)
+    return EvalContext(encoder, ev, store, out, torch.device("cpu"), None, None, None, "pixels",
+                       batch_size, workers, seed)

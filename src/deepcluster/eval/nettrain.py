@@ -1,0 +1,146 @@
+"""Training and scoring a whole network on labelled images: the loop shared by
+fine-tuning (:mod:`.finetune`) and the supervised baseline (:mod:`.baselines`).
+
+Written here rather than imported from ``deepcluster.train``: ``eval`` must not depend
+on the DeepCluster loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+from ..data import ImageSource, IndexedDataset, cluster_transform
+from ..data.transforms import ImageSpec
+from ..models import DeepClusterNet, create_model
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE = ("all", "fc")
+
+
+def fresh_model(state: dict[str, Any], seed: int | None = None, num_clusters: int | None = None) -> DeepClusterNet:
+    """The checkpoint's architecture with random weights, initialised as the run was.
+
+    ``torch.manual_seed(seed)`` then ``create_model`` with the run's settings, in the
+    order the training loop uses: with the run's seed and ``k`` this gives the
+    DeepCluster run's initial weights (the random-init baseline).
+    """
+    meta = state.get("meta", {})
+    cfg = state.get("config", {})
+    seed = cfg.get("run", {}).get("seed", 0) if seed is None else seed
+    kwargs: dict[str, Any] = {"image_size": meta["image_size"], "dropout": cfg.get("model", {}).get("dropout", 0.5)}
+    if meta.get("width") is not None:
+        kwargs["width"] = meta["width"]
+    if meta.get("fc_dim") is not None:
+        kwargs["fc_dim"] = meta["fc_dim"]
+    torch.manual_seed(seed)
+    k = num_clusters or meta.get("k") or state["model"]["head.weight"].shape[0]
+    return create_model(meta["arch"], sobel=meta["sobel"], num_clusters=k, **kwargs)
+
+
+def set_trainable(model: DeepClusterNet, trainable: str) -> list[nn.Parameter]:
+    """Freeze what ``trainable`` excludes; returns the parameters to optimise.
+
+    ``all``: every parameter. ``fc``: fc6, fc7 and the head (the paper's fc6-8 setting);
+    the conv stack, batch norm included, is frozen and kept in eval mode.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    for p in model.features.parameters():
+        p.requires_grad_(trainable == "all")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _train_mode(model: DeepClusterNet, trainable: str) -> None:
+    model.train()
+    if trainable == "fc":
+        model.features.eval()  # frozen batch-norm statistics
+
+
+def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int, lr: float, momentum: float = 0.9,
+                  weight_decay: float = 0.0, schedule: str = "cosine", trainable: str = "all", seed: int = 0,
+                  device: str | torch.device = "cpu", workers: int = 0, desc: str = "train") -> dict[str, float]:
+    """Cross-entropy training of ``model`` (logits = ``model(x)``) for ``steps`` SGD steps.
+
+    Args:
+        model: the network; its head must already have one output per class.
+        dataset: yields ``(image, label)`` (augmented by its transform).
+        steps: optimisation steps (the data are cycled through in reshuffled passes).
+        schedule: ``cosine`` (decay to 0) or ``constant`` (the DeepCluster setting).
+        trainable: ``all`` or ``fc`` (see :func:`set_trainable`).
+        seed: seeds the batch order and dropout.
+
+    Returns:
+        ``{"loss" (mean of the last pass), "steps", "images", "seconds", "images_per_s"}``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be cosine or constant, got {schedule!r}")
+    device = torch.device(device)
+    model.to(device)
+    params = set_trainable(model, trainable)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine" else None
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=gen),
+                        num_workers=workers, generator=gen, drop_last=len(dataset) > batch_size)
+    _train_mode(model, trainable)
+    step, images, t0 = 0, 0, time.perf_counter()
+    recent: list[float] = []
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=None)
+    while step < steps:
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss became {loss.item()} at step {step} of {desc}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            recent = (recent + [loss.item()])[-len(loader):]
+            step += 1
+            images += len(y)
+            bar.update(1)
+            if step >= steps:
+                break
+    bar.close()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    seconds = time.perf_counter() - t0
+    return {"loss": float(np.mean(recent)), "steps": step, "images": images, "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict_network(model: DeepClusterNet, source: ImageSource, spec: ImageSpec, positions: np.ndarray | None = None,
+                    batch_size: int = 256, device: str | torch.device = "cpu", workers: int = 0) -> np.ndarray:
+    """Predicted class (argmax of the logits, eval mode, no augmentation) of each image.
+
+    Returns:
+        ``(len(positions),)`` int64 (all of ``source`` when ``positions`` is None), in order.
+    """
+    from torch.utils.data import Subset as TorchSubset
+
+    positions = np.arange(len(source)) if positions is None else np.asarray(positions)
+    ds = TorchSubset(IndexedDataset(source, cluster_transform(spec)), positions.tolist())
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
+    row = {int(p): i for i, p in enumerate(positions)}
+    out = np.full(len(positions), -1, dtype=np.int64)
+    model.eval().to(device)
+    for x, idx in loader:
+        pred = model(x.to(device)).argmax(1).cpu().numpy()
+        out[[row[int(i)] for i in idx]] = pred
+    return out

@@ -1,0 +1,407 @@
+"""Export a run's clusters, and assign new images to the learned clusters.
+
+``export_run(run_dir)`` writes one row per training image: its data-set index (and
+file path when the data set has files), its label when there are labels, its cluster,
+and optionally its feature vector, as CSV, Parquet or ``.npy``.
+
+``assign_images(checkpoint, images_dir)`` puts new images through the same pipeline:
+clustering transform -> ``model.forward_features`` -> the checkpoint's PCA-whitening
+(``state["pca"]``) -> nearest of the checkpoint's centroids (``state["centroids"]``).
+
+Two cluster columns are exported, because a checkpoint holds the network *after* the
+last epoch's training while its PCA and centroids were fitted on the features the
+network had *before* it (the clustering step comes first in an epoch):
+
+- ``cluster``: the nearest centroid of the image under the checkpoint (network, PCA,
+  centroids), exactly what ``assign`` computes for new images;
+- ``kmeans_cluster``: the image's k-means cluster at the last epoch (the last row of
+  ``assignments.npy``, the pseudo-label the network was last trained on).
+
+They agree for most images; :class:`ExportResult` reports the agreement.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, load_model
+from .clustering import PCAWhitening
+from .data import DataError, IndexedDataset, cluster_transform, image_spec
+from .data.sources import IMAGE_EXTENSIONS
+from .models import DeepClusterNet
+from .viz.run import Run, ensure_writable_dir
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("csv", "parquet", "npy")
+FEATURE_KINDS = ("pca", "fc7")
+
+
+# --------------------------------------------------------------------------- the learned clusters
+
+class ClusterAssigner:
+    """Images -> clusters with a checkpoint's network, PCA-whitening and centroids.
+
+    Args:
+        model: the trained network.
+        pca: the fitted PCA-whitening of the checkpoint.
+        centroids: ``(k, pca_dim)`` cluster centroids in the PCA space.
+    """
+
+    def __init__(self, model: DeepClusterNet, pca: PCAWhitening, centroids: np.ndarray) -> None:
+        import faiss
+
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or centroids.shape[1] != pca.projection.shape[1]:
+            raise CheckpointError(f"centroids of shape {centroids.shape} do not match the PCA dimension "
+                                  f"{pca.projection.shape[1]}")
+        self.model = model.eval()
+        self.pca = pca
+        self.centroids = centroids
+        self.index = faiss.IndexFlatL2(centroids.shape[1])
+        self.index.add(centroids)
+
+    @classmethod
+    def from_state(cls, model: DeepClusterNet, state: dict[str, Any], where: str = "checkpoint") -> "ClusterAssigner":
+        """From a loaded checkpoint; a checkpoint without PCA or centroids is an error."""
+        missing = [k for k in ("pca", "centroids") if state.get(k) is None]
+        if missing:
+            raise CheckpointError(f"{where} has no stored {' and '.join(missing)} (state[{missing[0]!r}]), so new "
+                                  "images cannot be assigned to its clusters; use a checkpoint written by "
+                                  "`deepcluster train` of this version (train or --resume one more epoch)")
+        return cls(model, PCAWhitening.from_state_dict(state["pca"]), state["centroids"].numpy())
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.centroids)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        """Clustering features: ``(B, 3, H, W)`` -> ``(B, fc_dim)`` float32."""
+        device = next(self.model.parameters()).device
+        return self.model.forward_features(x.to(device)).float().cpu().numpy()
+
+    def project(self, feats: np.ndarray) -> np.ndarray:
+        """PCA-whiten + L2: ``(B, fc_dim)`` -> ``(B, pca_dim)``."""
+        return self.pca.transform(feats)
+
+    def nearest(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid of each row of ``z`` (``(B, pca_dim)``): ``(clusters (B,), sq. distances (B,))``."""
+        dist, idx = self.index.search(np.ascontiguousarray(z, dtype=np.float32), 1)
+        return idx[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
+
+    def assign(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(B, 3, H, W)`` inputs -> ``(clusters, sq. distances, fc7 features, PCA features)``."""
+        f = self.features(x)
+        z = self.project(f)
+        c, d = self.nearest(z)
+        return c, d, f, z
+
+
+# --------------------------------------------------------------------------- tables
+
+def check_output(path: str | Path, fmt: str) -> Path:
+    """Validate ``fmt`` and that ``path``'s folder can be written (created if needed)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError("--format parquet needs pyarrow: pip install 'deepcluster[parquet]' "
+                             "(or use --format csv or npy)") from None
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a file name such as {path / ('clusters.' + fmt)}")
+    ensure_writable_dir(path.parent)
+    return path
+
+
+def write_table(columns: dict[str, Any], path: str | Path | None, fmt: str) -> None:
+    """Write equal-length columns; a 2-D array column is a feature vector per row.
+
+    csv: one column per feature dimension (``f0``, ``f1``, ...), written to stdout when
+    ``path`` is ``None``; parquet: a fixed-size list column; npy: a structured array
+    (``np.load(path)["cluster"]``; no pickle needed).
+    """
+    n = {len(v) for v in columns.values()}
+    if len(n) > 1:
+        raise ValueError(f"columns differ in length: { {k: len(v) for k, v in columns.items()} }")
+    if fmt == "csv":
+        header: list[str] = []
+        cols: list[Sequence[Any]] = []
+        for name, v in columns.items():
+            arr = np.asarray(v) if not isinstance(v, list) else v
+            if isinstance(arr, np.ndarray) and arr.ndim == 2:
+                header += [f"f{j}" for j in range(arr.shape[1])]
+                cols += [arr[:, j] for j in range(arr.shape[1])]
+            else:
+                header.append(name)
+                cols.append(arr)
+        out = io.StringIO() if path is None else open(path, "w", newline="", encoding="utf-8")
+        try:
+            w = csv.writer(out)
+            w.writerow(header)
+            for row in zip(*cols):
+                w.writerow([_csv_value(x) for x in row])
+            if path is None:
+                sys.stdout.write(out.getvalue())
+        finally:
+            out.close()
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrays, names = [], []
+        for name, v in columns.items():
+            arr = np.asarray(v)
+            if arr.ndim == 2:
+                flat = pa.array(np.ascontiguousarray(arr, dtype=np.float32).ravel())
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, arr.shape[1]))
+            else:
+                arrays.append(pa.array(list(v) if arr.dtype.kind in "OU" else arr))
+            names.append(name)
+        if path is None:
+            raise ValueError("--format parquet needs --output FILE")
+        pq.write_table(pa.Table.from_arrays(arrays, names=names), path)
+    elif fmt == "npy":
+        if path is None:
+            raise ValueError("--format npy needs --output FILE")
+        dtype, values = [], []
+        for name, v in columns.items():
+            arr = np.asarray(v)
+            if arr.dtype.kind in "OU":
+                arr = arr.astype(str)
+                dtype.append((name, f"U{max(1, max((len(s) for s in arr), default=1))}"))
+            elif arr.ndim == 2:
+                dtype.append((name, arr.dtype, (arr.shape[1],)))
+            else:
+                dtype.append((name, arr.dtype))
+            values.append(arr)
+        table = np.empty(len(values[0]) if values else 0, dtype=dtype)
+        for (name, *_), arr in zip(dtype, values):
+            table[name] = arr
+        with open(path, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+
+
+def _csv_value(x: Any) -> Any:
+    if isinstance(x, (np.floating, float)):
+        return "" if x != x else f"{float(x):.6g}"
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+# --------------------------------------------------------------------------- export
+
+@dataclass
+class ExportResult:
+    """What :func:`export_run` wrote: the file, the number of rows, and the share of
+    images whose ``cluster`` (nearest centroid under the checkpoint) equals their
+    ``kmeans_cluster`` (last epoch's k-means)."""
+
+    path: Path | None
+    rows: int
+    agreement: float
+
+
+def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str = "csv",
+               features: str | None = None, batch_size: int = 256, workers: int = 0,
+               device: str = "cpu") -> ExportResult:
+    """Write every training image's cluster (see the module docstring for the columns).
+
+    Args:
+        run_dir: a ``deepcluster train`` output directory.
+        output: the file (default ``RUN_DIR/clusters.<fmt>``); ``"-"`` writes CSV to stdout.
+        fmt: ``csv``, ``parquet`` or ``npy``.
+        features: also write each image's feature vector: ``pca`` (the space the
+            centroids live in) or ``fc7`` (the network's clustering features).
+        batch_size, workers: the feature pass over the images.
+        device: where the network runs.
+    """
+    if features is not None and features not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {features!r}; choose one of {list(FEATURE_KINDS)}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist")
+    if output == "-":
+        if fmt != "csv":
+            raise ValueError("only --format csv can be written to stdout; give --output FILE")
+        out_path = None
+    else:
+        out_path = check_output(output if output is not None else run_dir / f"clusters.{fmt}", fmt)
+    run = Run.load(run_dir, device=device)
+    assigner = ClusterAssigner.from_state(run.model, run.state, str(run_dir / "checkpoint.pt"))
+    kmeans_cluster = run.last_assignments
+    n = len(run.source)
+    if len(kmeans_cluster) != n:
+        raise ValueError(f"assignments cover {len(kmeans_cluster)} images but the data set has {n}")
+
+    clusters = np.empty(n, dtype=np.int64)
+    dists = np.empty(n, dtype=np.float32)
+    feats = None
+    seen = np.zeros(n, dtype=bool)
+    loader = DataLoader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size=batch_size,
+                        num_workers=workers, shuffle=False)
+    for x, idx in loader:
+        c, d, f, z = assigner.assign(x)
+        idx = idx.numpy()
+        clusters[idx], dists[idx], seen[idx] = c, d, True
+        if features is not None:
+            v = z if features == "pca" else f
+            if feats is None:
+                feats = np.zeros((n, v.shape[1]), dtype=np.float32)
+            feats[idx] = v
+    if not seen.all():
+        raise RuntimeError(f"the feature pass missed {int((~seen).sum())} images")
+
+    columns: dict[str, Any] = {"index": run.dataset_indices()}
+    if run.source.paths is not None:
+        columns["path"] = list(run.source.paths)
+    if run.labels is not None:
+        columns["label"] = np.asarray(run.labels, dtype=np.int64)
+    columns["cluster"] = clusters
+    columns["kmeans_cluster"] = kmeans_cluster
+    columns["distance"] = dists
+    if feats is not None:
+        columns["feature"] = feats
+    write_table(columns, out_path, fmt)
+    agreement = float((clusters == kmeans_cluster).mean())
+    logger.info("exported %d images to %s; cluster == kmeans_cluster for %.1f%%", n, out_path or "stdout",
+                100 * agreement)
+    return ExportResult(out_path, n, agreement)
+
+
+# --------------------------------------------------------------------------- assign
+
+@dataclass
+class AssignResult:
+    """Outcome of :func:`assign_images`.
+
+    Attributes:
+        paths: every image file considered, sorted.
+        clusters: ``(len(paths),)`` cluster of each, ``-1`` for unreadable files.
+        distances: squared distance to the centroid in the PCA space (NaN if unreadable).
+        unreadable: ``(path, reason)`` of the files that could not be decoded.
+        features: ``(len(paths), D)`` features when asked for (zeros for unreadable files).
+    """
+
+    paths: list[str]
+    clusters: np.ndarray
+    distances: np.ndarray
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    features: np.ndarray | None = None
+
+    def columns(self) -> dict[str, Any]:
+        bad = dict(self.unreadable)
+        cols: dict[str, Any] = {"path": self.paths, "cluster": self.clusters, "distance": self.distances,
+                                "error": [bad.get(p, "") for p in self.paths]}
+        if self.features is not None:
+            cols["feature"] = self.features
+        return cols
+
+
+def find_images(root: str | Path) -> list[str]:
+    """Image files (by extension) under ``root`` (recursive, sorted), or ``root`` itself."""
+    root = Path(root)
+    if root.is_file():
+        return [str(root)]
+    if not root.is_dir():
+        raise DataError(f"--images {root} does not exist; pass a folder of images (or one image file)")
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files
+
+
+def read_image(path: str) -> tuple[Image.Image | None, str]:
+    """``(RGB image, "")`` or ``(None, reason)`` when the file cannot be decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB"), ""
+    except Exception as e:  # noqa: BLE001 - every decoder failure is a reason to list the file
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _batches(paths: Sequence[str], transform, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor | None,
+                                                                                list[tuple[int, str]]]]:
+    ok, tensors, bad = [], [], []
+    for i, p in enumerate(paths):
+        img, reason = read_image(p)
+        if img is None:
+            bad.append((i, reason))
+        else:
+            ok.append(i)
+            tensors.append(transform(img))
+        if len(tensors) == batch_size:
+            yield ok, torch.stack(tensors), bad
+            ok, tensors, bad = [], [], []
+    if ok or bad:
+        yield ok, torch.stack(tensors) if tensors else None, bad
+
+
+def assign_images(checkpoint: str | Path, images: str | Path, features: str | None = None, batch_size: int = 256,
+                  device: str = "cpu") -> AssignResult:
+    """Assign every image file under ``images`` to the checkpoint's clusters.
+
+    Unreadable files are listed in the result (cluster ``-1``), not fatal; a folder
+    where none can be read is an error.
+
+    Raises:
+        CheckpointError: the checkpoint has no PCA or centroids.
+        DataError: no images, or none readable.
+    """
+    if features is not None and features not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {features!r}; choose one of {list(FEATURE_KINDS)}")
+    model, state = load_model(checkpoint)
+    model.to(device)
+    assigner = ClusterAssigner.from_state(model, state, str(checkpoint))
+    data = state.get("config", {}).get("data", {})
+    spec = image_spec(data.get("name", "folder"), state.get("meta", {}).get("image_size") or data.get("image_size"))
+    paths = find_images(images)
+    n = len(paths)
+    clusters = np.full(n, -1, dtype=np.int64)
+    dists = np.full(n, np.nan, dtype=np.float32)
+    feats = None
+    unreadable: list[tuple[str, str]] = []
+    for ok, x, bad in _batches(paths, cluster_transform(spec), batch_size):
+        unreadable += [(paths[i], reason) for i, reason in bad]
+        if x is None:
+            continue
+        c, d, f, z = assigner.assign(x)
+        clusters[ok], dists[ok] = c, d
+        if features is not None:
+            v = z if features == "pca" else f
+            if feats is None:
+                feats = np.zeros((n, v.shape[1]), dtype=np.float32)
+            feats[ok] = v
+    if unreadable:
+        logger.warning("%d of %d images could not be read (listed with cluster -1); first: %s (%s)",
+                       len(unreadable), n, *unreadable[0])
+    if len(unreadable) == n:
+        raise DataError(f"none of the {n} images under {images} could be read; first: {unreadable[0][0]} "
+                        f"({unreadable[0][1]})")
+    return AssignResult(paths, clusters, dists, unreadable, feats)
+
+
+__all__ = ["AssignResult", "ClusterAssigner", "ExportResult", "FEATURE_KINDS", "FORMATS", "assign_images",
+           "export_run", "find_images", "read_image", "write_table"]

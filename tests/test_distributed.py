@@ -219,6 +219,7 @@ def test_global_batch_that_the_world_size_does_not_divide_is_rounded_up(caplog):
 
 # --------------------------------------------------------------------------- 2 processes
 
+@pytest.mark.distributed
 def test_distributed_extraction_places_each_index_once_and_equals_one_process(two_ranks):
     r0, r1 = two_ranks
     assert (r0["world"], r1["world"]) == (2, 2)
@@ -230,6 +231,7 @@ def test_distributed_extraction_places_each_index_once_and_equals_one_process(tw
     assert np.abs(ref).sum(1).min() > 0  # no row left at its zero initialisation
 
 
+@pytest.mark.distributed
 def test_distributed_pca_stream_equals_one_process(two_ranks):
     r0, r1 = two_ranks
     red = extract_reduced(tiny_model(), SynthImages(N_IMG), resolve(overrides=REDUCE_CFG), CPU, seed=5)
@@ -239,6 +241,7 @@ def test_distributed_pca_stream_equals_one_process(two_ranks):
     np.testing.assert_allclose(r0["reduced"], red["x"], atol=1e-4)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_distributed_kmeans_equals_one_process(two_ranks, backend):
     r0, r1 = two_ranks
@@ -251,6 +254,7 @@ def test_distributed_kmeans_equals_one_process(two_ranks, backend):
         assert loss == pytest.approx(ref.loss, rel=1e-6)
 
 
+@pytest.mark.distributed
 def test_distributed_gather_refuses_duplicates_on_every_rank(two_ranks):
     for r in two_ranks:
         assert "1 sent more than once" in r["dup_error"] and "2 of 3 indices missing" in r["dup_error"]
@@ -270,6 +274,7 @@ def _job_one_rank_fails(mode: str):
     return "no error", time.monotonic() - t0
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["crash", "stuck"])
 def test_a_failed_or_stuck_rank_makes_the_other_exit_with_a_clear_message(mode):
     res = run_ranks(_job_one_rank_fails, world=2, timeout_s=2, deadline_s=90, mode=mode)

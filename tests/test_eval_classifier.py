@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from deepcluster.eval import Grid, select_and_fit, train_classifier
 from deepcluster.eval.classifier import feature_stats, linear_head, top1

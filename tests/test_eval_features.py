@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from deepcluster.data import build_source
 from deepcluster.eval import FeatureStore, NetEncoder, PixelEncoder, load_eval_data, pool_side
 from deepcluster.eval.context import results_dir_for
 from deepcluster.models import create_model
@@ -48,6 +47,17 @@ def test_net_encoder_matches_the_model_in_eval_mode():
     assert out["conv1"].shape == (6, 3072) and out["conv5"].shape == (6, 3200)
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
     assert bn.num_batches_tracked.item() == 0  # running statistics never updated
+
+
+def test_vgg_block_names_and_their_aliases_give_the_same_features():
+    torch.manual_seed(0)
+    enc = NetEncoder(create_model("vgg16", image_size=64, num_clusters=3, fc_dim=64), key="k")
+    assert enc.layers == ["conv1", "conv2", "conv3", "conv4", "conv5"] and "conv3_1" in enc.all_layers
+    out = enc(torch.randn(2, 3, 64, 64), ["conv3", "conv3_3", "conv3_1"])
+    torch.testing.assert_close(out["conv3"], out["conv3_3"])
+    assert out["conv3_1"].shape == out["conv3"].shape
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) conv9; this model has conv1, .*conv5 \(also conv1_1"):
+        enc.check_layers(["conv9"])
 
 
 def test_pixel_encoder_dimensions():

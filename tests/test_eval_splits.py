@@ -29,7 +29,8 @@ def test_balanced_label_subset_is_class_balanced():
 
 def test_label_fraction_that_empties_classes_is_refused():
     labels = np.repeat(np.arange(10), 24)
-    with pytest.raises(ValueError, match=r"--label-fraction 0.01 leaves every class empty.*use --label-fraction >= 0.042"):
+    msg = r"--label-fraction 0.01 leaves every class empty.*use --label-fraction >= 0.042"
+    with pytest.raises(ValueError, match=msg):
         balanced_label_subset(labels, 0.01, seed=0)
     with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
         balanced_label_subset(labels, 0.0, seed=0)

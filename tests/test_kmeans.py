@@ -91,3 +91,37 @@ def test_bad_input():
     x[2, 1] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf in 1 rows"):
         kmeans(x, 2)
+
+
+def test_stopping_at_a_fixed_point_returns_what_all_iterations_would():
+    x, _ = blobs(n_per=100, k=4, d=6, spread=0.3)
+    short = kmeans(x, 4, niter=30, seed=1, backend="torch")
+    assert short.iterations < 30  # converged: no assignment changed
+    long = kmeans(x, 4, niter=300, seed=1, backend="torch")
+    np.testing.assert_array_equal(short.assignments, long.assignments)
+    np.testing.assert_array_equal(short.centroids, long.centroids)
+    assert short.iterations == long.iterations
+
+
+def test_global_row_numbers_pick_the_same_start_whatever_the_row_order():
+    """``indices`` names each row's global number: a shuffled copy of the data with its
+    original row numbers clusters exactly like the original (the distributed init)."""
+    x, _ = blobs(n_per=50, k=5, d=4, spread=0.4)
+    perm = np.random.default_rng(3).permutation(len(x))
+    for backend in ("faiss", "torch"):
+        ref = kmeans(x, 5, niter=10, seed=7, backend=backend)
+        got = kmeans(x[perm], 5, niter=10, seed=7, backend=backend, indices=perm)
+        np.testing.assert_array_equal(got.assignments, ref.assignments[perm])
+        np.testing.assert_allclose(got.centroids, ref.centroids, atol=1e-5)
+    with pytest.raises(ValueError, match="duplicates"):
+        kmeans(x, 5, indices=np.zeros(len(x), dtype=np.int64))
+
+
+def test_float16_points_are_read_in_chunks_by_the_torch_backend():
+    x, y = blobs(n_per=100, k=5, d=8)
+    init = x[[0, 100, 200, 300, 400]]
+    a = kmeans(x, 5, niter=10, seed=0, backend="torch", init_centroids=init)
+    b = kmeans(x.astype(np.float16), 5, niter=10, seed=0, backend="torch", init_centroids=init)
+    np.testing.assert_array_equal(a.assignments, b.assignments)
+    np.testing.assert_allclose(a.centroids, b.centroids, atol=5e-3)
+    assert b.loss == pytest.approx(a.loss, rel=0.05, abs=1e-3)

@@ -60,7 +60,7 @@ def cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
 
 def error_line(p: subprocess.CompletedProcess) -> str:
     """The one ``deepcluster: error:`` line of a failed CLI call."""
-    lines = [line for line in p.stderr.splitlines() if line.startswith("deepcluster: ")]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("deepcluster: error: ")]
     assert p.returncode not in (0, None) and len(lines) == 1, p.stderr
     return lines[0]
 
@@ -131,7 +131,8 @@ class Child:
             with open(self.stacks) as f:
                 f.seek(start)
                 dump = f.read()
-            if 'File "<string>", line 1 in <module>' in dump:
+            # A dump ends at the outermost frame, or at "..." when over 100 frames deep.
+            if re.search(r'(File "<string>", line 1 in <module>|^  \.\.\.)\n', dump, re.M):
                 funcs = set(re.findall(r" in (\w+)$", dump, re.M))
                 return next((ph for fn, ph in PHASES if fn in funcs), "startup")
             if self.proc.poll() is not None:
@@ -145,7 +146,7 @@ class Child:
             ph = self.phase()
             if ph is None or ph in wanted:
                 return ph
-            time.sleep(0.002)
+            time.sleep(0.05 if ph == "startup" else 0.002)
         raise AssertionError(f"child never reached {wanted}")
 
     def finish(self, timeout: float = 300) -> int:
@@ -202,21 +203,21 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tiny_mnist_root, refe
     for i, (target, epoch) in enumerate(zip(targets, target_epochs)):
         child = Child(start_args(run, tiny_mnist_root), tmp_path, f"kill{i}")
         if target == "checkpoint":
-            # The write lasts milliseconds: watch for its temp file, kill on sight.
-            while child.proc.poll() is None and not (epochs_logged(run) >= epoch and
-                                                     any(run.glob(".checkpoint.pt.*.tmp"))):
+            # The write lasts milliseconds: once in the epoch, watch for its temp file and kill on sight.
+            while child.proc.poll() is None and epochs_logged(run) < epoch:
+                time.sleep(0.005)
+            while child.proc.poll() is None and not any(run.glob(".checkpoint.pt.*.tmp")):
                 time.sleep(0.0002)
             time.sleep(rng.uniform(0, 0.002))
         else:
-            ph = None
-            while ph is not None or child.proc.poll() is None:
+            while True:
                 ph = child.phase()
                 if ph is None or (ph == target and epochs_logged(run) >= min(epoch, EPOCHS - 1)) or (
                         target == "setup" and ph not in ("startup", "setup")):
                     break
-                time.sleep(0.001)
+                time.sleep(0.05 if ph == "startup" else 0.001)  # imports take seconds
             if target in ("train", "extract") and ph == target:  # somewhere inside the phase
-                time.sleep(rng.uniform(0, 0.15))
+                time.sleep(rng.uniform(0, 0.15 if target == "train" else 0.05))
         ph = "checkpoint" if target == "checkpoint" else child.phase()
         child.proc.send_signal(signal.SIGKILL)
         rc = child.finish()
@@ -239,25 +240,26 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tiny_mnist_root, refe
         assert phases.count(ph) >= 1, (ph, landed)
     FIGURES["sigkill"] += len(landed)
     assert_same_run(run, reference)
-    assert temps(run) == [] and not (run / "run.lock").exists()
+    assert temps(run) == [] and not (run / "run.lock").exists()  # the half-written ones were cleaned up
+    assert "temporary files of interrupted writes: .checkpoint.pt." in (run / "train.log").read_text()
     assert len(records(run)) == EPOCHS
 
 
 # --------------------------------------------------------------------------- SIGINT / SIGTERM
 
-@pytest.mark.parametrize("sig, code, fresh", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+@pytest.mark.parametrize("sig, code, fresh", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+                         ids=["SIGINT-during-epoch-0", "SIGTERM-after-a-checkpoint"])
 def test_sigint_sigterm_keep_the_last_checkpoint_and_say_how_to_resume(sig, code, fresh, tiny_mnist_root, one_epoch,
                                                                       reference, tmp_path):
     run = tmp_path / "run"
     if not fresh:
         copy_run(one_epoch, run)
-        shutil.copy(one_epoch / "config.yaml", run / "config.yaml")
     before = digest(run / "checkpoint.pt") if not fresh else None
     args = start_args(run, tiny_mnist_root)
     if not fresh:
         args += ["--epochs", str(EPOCHS)]
     child = Child(args, tmp_path, "sig")
-    assert child.wait_for({"train"}) == "train"
+    assert child.wait_for({"train"}) == "train", child.stderr
     child.proc.send_signal(sig)
     assert child.finish() == code, child.stderr
     lines = [line for line in child.stderr.splitlines() if line.startswith("deepcluster: ")]
@@ -272,7 +274,7 @@ def test_sigint_sigterm_keep_the_last_checkpoint_and_say_how_to_resume(sig, code
     else:
         assert digest(run / "checkpoint.pt") == before
     assert f"interrupted by {sig.name}" in (run / "train.log").read_text()
-    p = cli(*command.split()[1:], "--epochs", str(EPOCHS))  # the printed command, as a user would
+    p = cli(*command.split()[1:])  # the printed command, as a user would type it
     assert p.returncode == 0, p.stderr
     assert_same_run(run, reference)
 
@@ -330,10 +332,19 @@ def test_file_size_limit_while_writing_keeps_every_file_intact(victim, one_epoch
     assert f"file size limit reached while writing {run}/{victim} (File too large); the previous file is intact" in line
     assert digest(run / "checkpoint.pt") == before["checkpoint.pt"] and temps(run) == []
     if victim == "metrics.jsonl":  # failed before the epoch: nothing changed at all
+        assert f"deepcluster: warning: cannot write {run}/train.log" in p.stderr and "Traceback" not in p.stderr
         assert {p.name: digest(p) for p in run.iterdir() if p.name != "train.log"} == before
     p = cli("train", "--output-dir", str(run), "--resume", "--epochs", "2")
     assert p.returncode == 0, p.stderr
     assert [r["epoch"] for r in records(run)] == [0, 1] and load_checkpoint(run)["epoch"] == 2
+
+
+def test_report_on_a_full_disk_is_one_line_and_the_checkpoint_is_intact(one_epoch, tmp_path):
+    before = digest(one_epoch / "checkpoint.pt")
+    p = cli("report", str(one_epoch), "--out", str(tmp_path / "report"), "--sample", "20", "--num-filters", "2",
+            "--synth-steps", "0", "--queries", "1", "--clusters", "1", "1", "1", preexec_fn=_limit_file_size(4096))
+    assert p.returncode == 1 and "File too large" in error_line(p) and "Traceback" not in p.stderr
+    assert digest(one_epoch / "checkpoint.pt") == before
 
 
 # --------------------------------------------------------------------------- bad images
@@ -594,7 +605,7 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
 def test_a_second_run_on_the_same_directory_is_refused(tiny_mnist_root, reference, tmp_path):
     run = tmp_path / "run"
     first = Child(start_args(run, tiny_mnist_root), tmp_path, "first")
-    assert first.wait_for({"extract"}) == "extract"  # holds run.lock, no checkpoint yet
+    assert first.wait_for({"extract"}) == "extract", first.stderr  # holds run.lock, no checkpoint yet
     first.proc.send_signal(signal.SIGSTOP)  # alive, holding the lock, while the others try
     try:
         fresh = cli("train", "--data-root", str(tiny_mnist_root), "--output-dir", str(run), *TINY)
@@ -638,8 +649,9 @@ def test_soak_30_epochs_on_2000_images_killed_every_3_epochs(tmp_path):
     while True:
         starts += 1
         cmd = ["train", "--output-dir", str(run), "--resume"] if (run / "config.yaml").exists() else args
-        child = subprocess.Popen([sys.executable, "-m", "deepcluster", *cmd], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, env=ENV)
+        with open(tmp_path / f"soak{starts}.stderr", "w") as err:
+            child = subprocess.Popen([sys.executable, "-m", "deepcluster", *cmd], stdout=subprocess.DEVNULL,
+                                     stderr=err, env=ENV)
         target = 3 * (kills + 1)
         while child.poll() is None and epochs_logged(run) < target:
             time.sleep(0.02)
@@ -648,10 +660,9 @@ def test_soak_30_epochs_on_2000_images_killed_every_3_epochs(tmp_path):
         epoch_s = records(run)[-1]["epoch_s"]
         time.sleep(rng.uniform(0, epoch_s))  # somewhere in the next epoch
         child.send_signal(signal.SIGKILL)
-        child.communicate()
+        assert child.wait() == -signal.SIGKILL
         kills += 1
-    _, err = child.communicate(timeout=600)
-    assert child.returncode == 0, err
+    assert child.wait(timeout=600) == 0, (tmp_path / f"soak{starts}.stderr").read_text()
     print(f"\nsoak: {kills} SIGKILLs, {starts} starts, {time.monotonic() - t0:.0f}s")
     FIGURES["sigkill"] += kills
     assert kills == 9

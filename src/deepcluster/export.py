@@ -8,20 +8,18 @@ and optionally its feature vector, as CSV, Parquet or ``.npy``.
 clustering transform -> ``model.forward_features`` -> the checkpoint's PCA-whitening
 (``state["pca"]``) -> nearest of the checkpoint's centroids (``state["centroids"]``).
 
-Two cluster columns are exported, because a checkpoint holds the network *after* the
-last epoch's training while its PCA and centroids were fitted on the features the
-network had *before* it (the clustering step comes first in an epoch):
-
-- ``cluster``: the nearest centroid of the image under the checkpoint (network, PCA,
-  centroids), exactly what ``assign`` computes for new images;
-- ``kmeans_cluster``: the image's k-means cluster at the last epoch (the last row of
-  ``assignments.npy``, the pseudo-label the network was last trained on).
-
-They agree for most images; :class:`ExportResult` reports the agreement.
+The checkpoint also keeps the weights the network had when the last epoch's features
+were extracted (``state["cluster_model"]``; the clustering step comes before the
+training step in an epoch, and training moves the weights). Assignment uses that
+network, so a training image is assigned to exactly its k-means cluster of the last
+epoch (up to floating-point ties). A checkpoint without it (older ones) falls back to
+the final network, whose features the stored PCA and centroids were not fitted on:
+its assignments then differ from the k-means clusters, and a warning says so.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -76,13 +74,18 @@ class ClusterAssigner:
 
     @classmethod
     def from_state(cls, model: DeepClusterNet, state: dict[str, Any], where: str = "checkpoint") -> "ClusterAssigner":
-        """From a loaded checkpoint; a checkpoint without PCA or centroids is an error."""
+        """From a loaded checkpoint (see the module docstring for which network is used).
+
+        Raises:
+            CheckpointError: the checkpoint has no PCA or no centroids.
+        """
         missing = [k for k in ("pca", "centroids") if state.get(k) is None]
         if missing:
             raise CheckpointError(f"{where} has no stored {' and '.join(missing)} (state[{missing[0]!r}]), so new "
                                   "images cannot be assigned to its clusters; use a checkpoint written by "
                                   "`deepcluster train` of this version (train or --resume one more epoch)")
-        return cls(model, PCAWhitening.from_state_dict(state["pca"]), state["centroids"].numpy())
+        return cls(clustering_network(model, state, where), PCAWhitening.from_state_dict(state["pca"]),
+                   state["centroids"].numpy())
 
     @property
     def num_clusters(self) -> int:
@@ -109,6 +112,25 @@ class ClusterAssigner:
         z = self.project(f)
         c, d = self.nearest(z)
         return c, d, f, z
+
+
+def clustering_network(model: DeepClusterNet, state: dict[str, Any], where: str = "checkpoint") -> DeepClusterNet:
+    """The network whose features the checkpoint's PCA and centroids were fitted on.
+
+    A copy of ``model`` with ``state["cluster_model"]`` loaded (every weight but the
+    head), or ``model`` itself, with a warning, when the checkpoint predates that key.
+    """
+    weights = state.get("cluster_model")
+    if weights is None:
+        logger.warning("%s has no cluster_model (the network at clustering time); assigning with the final network, "
+                       "so assignments will differ from the last epoch's k-means clusters", where)
+        return model
+    net = copy.deepcopy(model)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise CheckpointError(f"{where}: cluster_model does not fit the network (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return net.eval()
 
 
 # --------------------------------------------------------------------------- tables
@@ -212,27 +234,38 @@ def _csv_value(x: Any) -> Any:
 
 @dataclass
 class ExportResult:
-    """What :func:`export_run` wrote: the file, the number of rows, and the share of
-    images whose ``cluster`` (nearest centroid under the checkpoint) equals their
-    ``kmeans_cluster`` (last epoch's k-means)."""
+    """What :func:`export_run` wrote.
+
+    Attributes:
+        path: the file (None for stdout).
+        rows: images written.
+        agreement: with features, the share of images whose nearest centroid under the
+            checkpoint (what ``assign`` computes) is their exported ``cluster``; else None.
+    """
 
     path: Path | None
     rows: int
-    agreement: float
+    agreement: float | None = None
 
 
 def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str = "csv",
                features: str | None = None, batch_size: int = 256, workers: int = 0,
                device: str = "cpu") -> ExportResult:
-    """Write every training image's cluster (see the module docstring for the columns).
+    """Write every training image's cluster at the last epoch.
+
+    Columns: ``index`` (the image's index in its data-set split), ``path`` (folder data
+    sets), ``label`` (labelled data sets), ``cluster`` (the last row of
+    ``assignments.npy``). With ``features``, a pass of the clustering-time network over
+    the images adds ``distance`` (squared distance to the centroid in the PCA space) and
+    ``feature`` (the vector).
 
     Args:
         run_dir: a ``deepcluster train`` output directory.
         output: the file (default ``RUN_DIR/clusters.<fmt>``); ``"-"`` writes CSV to stdout.
         fmt: ``csv``, ``parquet`` or ``npy``.
-        features: also write each image's feature vector: ``pca`` (the space the
-            centroids live in) or ``fc7`` (the network's clustering features).
-        batch_size, workers: the feature pass over the images.
+        features: ``pca`` (the PCA-whitened, L2-normalised space the centroids live in)
+            or ``fc7`` (the network's clustering features), or None.
+        batch_size, workers: the feature pass.
         device: where the network runs.
     """
     if features is not None and features not in FEATURE_KINDS:
@@ -247,29 +280,10 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
     else:
         out_path = check_output(output if output is not None else run_dir / f"clusters.{fmt}", fmt)
     run = Run.load(run_dir, device=device)
-    assigner = ClusterAssigner.from_state(run.model, run.state, str(run_dir / "checkpoint.pt"))
-    kmeans_cluster = run.last_assignments
+    clusters = run.last_assignments
     n = len(run.source)
-    if len(kmeans_cluster) != n:
-        raise ValueError(f"assignments cover {len(kmeans_cluster)} images but the data set has {n}")
-
-    clusters = np.empty(n, dtype=np.int64)
-    dists = np.empty(n, dtype=np.float32)
-    feats = None
-    seen = np.zeros(n, dtype=bool)
-    loader = DataLoader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size=batch_size,
-                        num_workers=workers, shuffle=False)
-    for x, idx in loader:
-        c, d, f, z = assigner.assign(x)
-        idx = idx.numpy()
-        clusters[idx], dists[idx], seen[idx] = c, d, True
-        if features is not None:
-            v = z if features == "pca" else f
-            if feats is None:
-                feats = np.zeros((n, v.shape[1]), dtype=np.float32)
-            feats[idx] = v
-    if not seen.all():
-        raise RuntimeError(f"the feature pass missed {int((~seen).sum())} images")
+    if len(clusters) != n:
+        raise ValueError(f"assignments cover {len(clusters)} images but the data set has {n}; the data changed")
 
     columns: dict[str, Any] = {"index": run.dataset_indices()}
     if run.source.paths is not None:
@@ -277,14 +291,30 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
     if run.labels is not None:
         columns["label"] = np.asarray(run.labels, dtype=np.int64)
     columns["cluster"] = clusters
-    columns["kmeans_cluster"] = kmeans_cluster
-    columns["distance"] = dists
-    if feats is not None:
+    agreement = None
+    if features is not None:
+        assigner = ClusterAssigner.from_state(run.model, run.state, str(run_dir / "checkpoint.pt"))
+        nearest = np.empty(n, dtype=np.int64)
+        dists = np.empty(n, dtype=np.float32)
+        feats: np.ndarray | None = None
+        seen = np.zeros(n, dtype=bool)
+        loader = DataLoader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size=batch_size,
+                            num_workers=workers, shuffle=False)
+        for x, idx in loader:
+            c, d, f, z = assigner.assign(x)
+            idx = idx.numpy()
+            v = z if features == "pca" else f
+            if feats is None:
+                feats = np.zeros((n, v.shape[1]), dtype=np.float32)
+            nearest[idx], dists[idx], feats[idx], seen[idx] = c, d, v, True
+        if not seen.all():
+            raise RuntimeError(f"the feature pass missed {int((~seen).sum())} images")
+        agreement = float((nearest == clusters).mean())
+        columns["distance"] = dists
         columns["feature"] = feats
+        logger.info("nearest centroid == last k-means cluster for %.2f%% of the images", 100 * agreement)
     write_table(columns, out_path, fmt)
-    agreement = float((clusters == kmeans_cluster).mean())
-    logger.info("exported %d images to %s; cluster == kmeans_cluster for %.1f%%", n, out_path or "stdout",
-                100 * agreement)
+    logger.info("exported %d images to %s", n, out_path or "stdout")
     return ExportResult(out_path, n, agreement)
 
 

@@ -84,6 +84,7 @@ class Figure_:
     file: str
     caption: str
     alt: str
+    wide: bool = False
 
 
 @dataclass
@@ -256,7 +257,7 @@ def _top_section(run: Run, opt: ReportOptions, sample: dict[str, Any], filters: 
         f"For {len(filters)} random live filters of {opt.layer}, the {opt.top_k} images of a random sample of "
         f"{len(sample['x']):,} that excite the filter most (maximum of its activation map). Deep layers of a "
         "good network respond to object parts and classes, so each tile should look coherent "
-        "(the paper's Figures 4, 5, 7)."), f"top activating images of {opt.layer}")])
+        "(the paper's Figures 4, 5, 7)."), f"top activating images of {opt.layer}", wide=True)])
 
 
 def _synthesis_section(run: Run, opt: ReportOptions, filters: list[int], out: Path) -> Section:
@@ -279,7 +280,7 @@ def _synthesis_section(run: Run, opt: ReportOptions, filters: list[int], out: Pa
             f"The same filters: an image grown from noise by {opt.synth_steps} steps of gradient ascent on the "
             "filter's mean activation, as a softmax against the other filters of the layer (so it excites "
             "this filter more than the others), with weight decay and a blur every few steps "
-            "(the paper's Figure 4 method). Compare with the top images above."), "synthesised images")])
+            "(the paper's Figure 4 method). Compare with the top images above."), "synthesised images", wide=True)])
 
 
 def _neighbors_section(run: Run, opt: ReportOptions, sample: dict[str, Any], out: Path) -> Section:
@@ -306,7 +307,7 @@ def _neighbors_section(run: Run, opt: ReportOptions, sample: dict[str, Any], out
                     f"{a_r:.1%} of the {kk} nearest neighbours share the query's label with the random network "
                     f"and {a_t:.1%} with the trained one (chance {chance:.1%}).")
     return Section("neighbors", "Nearest neighbours: random vs trained", "",
-                   [Figure_("neighbors.png", caption, "nearest-neighbour queries")])
+                   [Figure_("neighbors.png", caption, "nearest-neighbour queries", wide=True)])
 
 
 def _clusters_section(run: Run, opt: ReportOptions, out: Path) -> Section:
@@ -355,13 +356,15 @@ h1 { font-size: 26px; margin: 8px 0 4px; } h2 { font-size: 20px; margin: 36px 0 
 .grid.small { grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); }
 figure { margin: 0; background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; padding: 10px; }
 figure img { width: 100%; height: auto; display: block; image-rendering: auto; }
-figure img.pixel { image-rendering: pixelated; }
+figure.wide { grid-column: 1 / -1; } figure.wide img { max-width: 1100px; margin: 0 auto; }
 figure img.broken { outline: 3px solid #d62728; min-height: 40px; }
 figcaption { font-size: 13px; color: #444; margin-top: 8px; }
 table { border-collapse: collapse; font-size: 13px; background: #fff; }
 td, th { border: 1px solid #e3e3e3; padding: 3px 8px; text-align: left; }
 th { background: #f1f1f1; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .tables { display: flex; gap: 28px; flex-wrap: wrap; align-items: flex-start; }
+.tables > div:last-child { flex: 1; min-width: 420px; }
+table.config td:last-child { line-height: 1.7; } table.config b { font-weight: 600; color: #555; }
 .note { background: #fff8e1; border: 1px solid #f0d98c; padding: 8px 12px; border-radius: 4px; }
 footer { color: #888; font-size: 12px; margin-top: 40px; }
 """
@@ -414,12 +417,11 @@ def _config_table(config: dict[str, Any] | None) -> str:
     rows = []
     for section, values in config.items():
         if isinstance(values, dict):
-            for k, v in values.items():
-                rows.append(f"<tr><td>{html.escape(section)}.{html.escape(str(k))}</td>"
-                            f"<td>{html.escape(_fmt(v))}</td></tr>")
+            items = " · ".join(f"<b>{html.escape(str(k))}</b>&nbsp;{html.escape(_fmt(v))}" for k, v in values.items())
         else:
-            rows.append(f"<tr><td>{html.escape(section)}</td><td>{html.escape(_fmt(values))}</td></tr>")
-    return f"<table><tr><th>setting</th><th>value</th></tr>{''.join(rows)}</table>"
+            items = html.escape(_fmt(values))
+        rows.append(f"<tr><td>{html.escape(str(section))}</td><td>{items}</td></tr>")
+    return f"<table class='config'><tr><th>section</th><th>settings</th></tr>{''.join(rows)}</table>"
 
 
 def _read_config_yaml(run_dir: Path) -> dict[str, Any] | None:
@@ -469,7 +471,7 @@ def render_html(run_dir: Path, records: list[dict[str, Any]], config: dict[str, 
             cls = "grid small" if s.key == "clusters" else "grid"
             out.append(f"<div class='{cls}'>")
             for f in s.figures:
-                out.append(f"<figure><img src='{e(f.file)}' alt='{e(f.alt)}' "
+                out.append(f"<figure{' class=wide' if f.wide else ''}><img src='{e(f.file)}' alt='{e(f.alt)}' "
                            "onerror=\"this.classList.add('broken')\">"
                            f"<figcaption>{e(f.caption)}</figcaption></figure>")
             out.append("</div>")
@@ -526,4 +528,5 @@ def render_screenshot(page: str | Path, png: str | Path, width: int = 1280, heig
     return png
 
 
-__all__ = ["ReportOptions", "build_report", "sample_pass", "dump_dom", "find_chromium", "render_html", "render_screenshot"]
+__all__ = ["ReportOptions", "build_report", "dump_dom", "find_chromium", "render_html", "render_screenshot",
+           "sample_pass"]

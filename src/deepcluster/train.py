@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,8 +382,7 @@ class RunDir:
 
         ``run.lock`` (holding the pid, for the message) is locked with ``flock``: the
         kernel drops the lock when its process ends, however it ends (SIGKILL too), so a
-        dead run never blocks a restart and a live one always refuses a second. Then
-        the temporary files of writes a killed run left behind are removed.
+        dead run never blocks a restart and a live one always refuses a second.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         while True:
@@ -405,10 +405,10 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
-        self._remove_stale_temps()
 
-    def _remove_stale_temps(self) -> None:
-        """Remove ``.<name>.<random>.tmp`` files of :func:`atomic_write` a killed process left."""
+    def remove_stale_temps(self) -> None:
+        """Remove the ``.<name>.<random>.tmp`` files of :func:`atomic_write` that a killed
+        process left behind (call while holding the lock: nobody else writes here)."""
         stale = sorted(self.path.glob(".*.tmp"))
         for p in stale:
             p.unlink(missing_ok=True)
@@ -569,6 +569,7 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     try:
         _setup_file_log(run)
         if is_main_process():
+            run.remove_stale_temps()
             _record_skipped(run, source)
         if cfg.run.tensorboard and is_main_process():  # the tensorboard package is imported lazily
             tb = TensorBoardWriter(run.path)
@@ -639,6 +640,9 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     cluster_seed = epoch_seed(cfg.run.seed, epoch, 2)
     red = extract_reduced(model, cluster_ds, cfg, device, cluster_seed, desc=f"extract {epoch}")
     extract_s = time.perf_counter() - t0 - red["pca_s"]
+    # The network these features came from: with the PCA and centroids it maps an image
+    # to this epoch's clusters (deepcluster assign); training below moves the weights.
+    cluster_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
 
     # 3. Clustering (k-means sharded over ranks), assignments of every image.
     res = cluster_reduced(red.pop("x"), red["indices"], n, cfg, cluster_seed, device)
@@ -684,7 +688,8 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         "epoch_s": time.perf_counter() - t0,
         "images_per_s": stats["images_per_s"],
         "_assignments": assignments,
-        "_checkpoint_extra": {"pca": res["pca"].state_dict(), "centroids": torch.from_numpy(res["centroids"])},
+        "_checkpoint_extra": {"pca": res["pca"].state_dict(), "centroids": torch.from_numpy(res["centroids"]),
+                              "cluster_model": cluster_model},
     }
     record["collapse_warning"] = collapse_warning(sizes, recent_nmi_prev(history, assignments, record["nmi_prev"]), cfg)
     if record["collapse_warning"]:
@@ -733,6 +738,26 @@ def _summary_line(r: dict[str, Any]) -> str:
 _file_handler: logging.Handler | None = None
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that cannot break the run: on a full disk it says so once on stderr
+    and drops its lines, instead of a traceback per line and an error at close that
+    would hide the real one."""
+
+    _failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self._failed:
+            self._failed = True
+            print(f"deepcluster: warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); "
+                  "log lines go to the console only", file=sys.stderr)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            pass
+
+
 _saved_level: int | None = None
 
 
@@ -741,7 +766,7 @@ def _setup_file_log(run: RunDir) -> None:
     global _file_handler, _saved_level
     _teardown_file_log()
     r = rank()
-    _file_handler = logging.FileHandler(run.log if r == 0 else run.path / f"train.rank{r}.log")
+    _file_handler = _LogFile(run.log if r == 0 else run.path / f"train.rank{r}.log")
     _file_handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {r}] %(name)s: %(message)s"
                                                  if r else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pkg = logging.getLogger("deepcluster")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..export import FEATURE_KINDS, FORMATS
+FORMATS = ("csv", "parquet", "npy")  # deepcluster.export.FORMATS (kept cheap to import)
+FEATURE_KINDS = ("pca", "fc7")
 
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("assign", help="assign new images to a run's clusters",
                        description="Assign every image under --images to the nearest cluster centroid of the "
                        "checkpoint, in the same space as training (clustering transform, fc7 features, the "

@@ -59,6 +59,7 @@ def _common(p: argparse.ArgumentParser, pixels: bool) -> None:
     g.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     g.add_argument("--no-cache", dest="cache", action="store_false",
                    help="do not cache features under eval/cache/ (recomputed every time)")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is often faster on a busy machine)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--layers", type=_names, help="comma-separated conv layers (default: conv1..conv5)")
     q.add_argument("--epochs", type=int, help="epochs per classifier (default 10)")
     q.add_argument("--lrs", type=_floats, help="learning rates tried on the validation part (default 0.01,0.1)")
-    q.add_argument("--weight-decays", type=_floats, help="weight decays tried (default 0,1e-4,1e-3)")
+    q.add_argument("--weight-decays", type=_floats, help="weight decays tried (default 1e-3,1e-2)")
     q.add_argument("--target-dim", type=int,
                    help="pooled dimension per layer (default 3072 below 128 px, 9216 from 128 px)")
     q.set_defaults(func=cmd_eval)
@@ -80,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = ps.add_parser("mlp", help="fresh fc6-fc7-classifier on the frozen conv stack")
     _common(q, pixels=False)
     q.add_argument("--epochs", type=int, help="epochs per classifier (default 10)")
-    q.add_argument("--lrs", type=_floats, help="learning rates tried on the validation part (default 0.01,0.05)")
+    q.add_argument("--lrs", type=_floats, help="learning rates tried on the validation part (default 0.05,0.2)")
     q.add_argument("--weight-decays", type=_floats, help="weight decays tried (default 1e-4)")
     q.set_defaults(func=cmd_eval)
 
@@ -121,8 +122,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _context(args: argparse.Namespace):
+    import torch
+
     from ..eval import open_checkpoint, open_pixels
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     common = dict(protocol=args.protocol, data_root=args.data_root, test_root=args.test_root, subset=args.subset,
                   test_subset=args.test_subset, val_fraction=args.val_fraction, seed=args.seed,
                   batch_size=args.batch_size, workers=args.workers, cache=args.cache,

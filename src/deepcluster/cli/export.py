@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..export import FEATURE_KINDS, FORMATS
+FORMATS = ("csv", "parquet", "npy")  # deepcluster.export.FORMATS (kept cheap to import)
+FEATURE_KINDS = ("pca", "fc7")
 
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write every image's cluster (CSV, Parquet or .npy)",
-                       description="Write one row per training image: data-set index, path (folders), label "
-                       "(when labelled), cluster (nearest centroid under the checkpoint, what `deepcluster "
-                       "assign` gives), kmeans_cluster (the last epoch's k-means cluster), squared distance "
-                       "to the centroid, and optionally the feature vector.")
+                       description="Write one row per training image: its index in the data set, path (folders), "
+                       "label (labelled data sets) and cluster at the last epoch; with --features also the "
+                       "squared distance to its centroid and the feature vector.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `deepcluster train` run")
     p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), parquet (needs pyarrow) or npy "
                    "(a structured array: np.load(FILE)['cluster'])")
     p.add_argument("--output", "-o", help="output file (default RUN_DIR/clusters.FORMAT; '-' = CSV on stdout)")
     p.add_argument("--features", nargs="?", const="pca", choices=FEATURE_KINDS,
-                   help="also write each image's features: pca (default; the space of the centroids) or fc7")
+                   help="also write each image's feature vector and squared distance to its centroid: "
+                   "pca (default; the space of the centroids) or fc7")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes for the feature pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

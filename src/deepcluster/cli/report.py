@@ -8,10 +8,16 @@ import logging
 logger = logging.getLogger("deepcluster")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..report import ReportOptions
+class _Defaults:
+    """``ReportOptions()``'s defaults, repeated so that building the parser stays cheap
+    (importing the report pulls in torch and matplotlib); a test keeps them equal."""
 
-    d = ReportOptions()
+    layer, sample, num_filters, synth_steps, queries = "conv5", 5000, 8, 200, 6
+    largest, smallest, random_clusters, seed = 3, 3, 3, 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = _Defaults
     p = sub.add_parser("report", help="write the HTML report of a run",
                        description="Write RUN_DIR/report/index.html: training curves, cluster sizes, filters, "
                        "top-activating images, synthesised filters, nearest neighbours and cluster contact "

@@ -207,7 +207,9 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     k = min(args.k, n - 1)
     nn_t = nearest_neighbors(s["features"], queries, k)
     nn_r = nearest_neighbors(s["random_features"], queries, k)
-    disp = run.display(s["x"])
+    rows = np.unique(np.concatenate([queries, nn_t.ravel(), nn_r.ravel()]))
+    disp = np.zeros((n,) + tuple(s["x"].shape[2:]) + (3,))
+    disp[rows] = run.display(s["x"][rows])  # only the pictures shown
     path = out / "neighbors.png"
     save_figure(plot_neighbors(disp, queries, nn_r, nn_t, s["labels"], run.class_names), path)
     return _done([path])

@@ -62,6 +62,8 @@ class KMeansResult:
         sizes: ``(k,)`` int64 cluster sizes (all ranks).
         n_empty_fixed: how many empty clusters were re-seeded over all iterations.
         seconds: wall time.
+        iterations: Lloyd iterations run (fewer than asked once no assignment changes:
+            the result is then the same as running them all).
     """
 
     assignments: np.ndarray
@@ -70,6 +72,7 @@ class KMeansResult:
     sizes: np.ndarray
     n_empty_fixed: int
     seconds: float
+    iterations: int = 0
 
 
 def faiss_has_gpu() -> bool:
@@ -139,6 +142,11 @@ def _sums_counts(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.T
     all_reduce_sum(sums)
     all_reduce_sum(counts)
     return sums, counts
+
+
+def _n_changed(new: torch.Tensor, old: torch.Tensor) -> int:
+    """Points whose cluster changed, over all ranks."""
+    return int(all_reduce_sum(torch.tensor(float((new != old).sum()), dtype=torch.float64)).item())
 
 
 def split_empty_clusters(
@@ -242,6 +250,8 @@ def kmeans(
             backend then works on its shard and all-reduces sums and counts.
         k: number of clusters; must not exceed the number of points (over all ranks).
         niter: Lloyd iterations (paper: 20). All points are used (no subsampling).
+            Stops earlier at a fixed point (no assignment changed), which gives the
+            same result as running all ``niter``.
         seed: seeds the initial centroids (``k`` distinct random points) and the
             empty-cluster rule. The paper draws a new seed every epoch. Distributed:
             rank 0's value is used on every rank.
@@ -305,14 +315,25 @@ def kmeans(
             return torch.from_numpy(lab), torch.from_numpy(dist)
         return _torch_assign(xt, c)
 
-    fixed = 0
+    fixed, fixed_last, iterations = 0, 0, 0
+    labels: torch.Tensor | None = None
+    converged = False
     for _ in range(niter):
-        labels, _dist = assign(centroids)
+        new_labels, dist = assign(centroids)
+        if labels is not None and not fixed_last and _n_changed(new_labels, labels) == 0:
+            # A fixed point: the centroids are already the means of these assignments,
+            # so every further iteration would reproduce them exactly.
+            labels, converged = new_labels, True
+            break
+        labels = new_labels
+        iterations += 1
         sums, counts = _sums_counts(xt, labels, k)
         nonempty = counts > 0
         centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).to(centroids.dtype)
-        fixed += split_empty_clusters(xt, labels, centroids, counts, rng)
-    labels, dist = assign(centroids)
+        fixed_last = split_empty_clusters(xt, labels, centroids, counts, rng)
+        fixed += fixed_last
+    if not converged:
+        labels, dist = assign(centroids)
     counts = all_reduce_sum(torch.bincount(labels, minlength=k).to(torch.float64))
     n_fixed_final = split_empty_clusters(xt, labels, centroids, counts, rng)
     fixed += n_fixed_final
@@ -321,8 +342,8 @@ def kmeans(
                           for s in range(0, n_local, _SUM_CHUNK)]) if n_local else dist
     loss = float(all_reduce_sum(dist.to(torch.float64).sum()).item()) / n_total
     seconds = time.perf_counter() - t0
-    logger.debug("k-means %s: N=%d D=%d k=%d loss=%.4f empty-fixed=%d %.2fs", backend, n_total, d, k, loss, fixed,
-                 seconds)
+    logger.debug("k-means %s: N=%d D=%d k=%d loss=%.4f empty-fixed=%d iterations=%d %.2fs", backend, n_total, d, k,
+                 loss, fixed, iterations, seconds)
     return KMeansResult(
         assignments=labels.cpu().numpy().astype(np.int64),
         centroids=centroids.cpu().numpy().astype(np.float32),
@@ -330,4 +351,5 @@ def kmeans(
         sizes=counts.cpu().numpy().astype(np.int64),
         n_empty_fixed=fixed,
         seconds=seconds,
+        iterations=iterations,
     )

@@ -161,10 +161,7 @@ class StreamingPCA:
     def fit(self) -> PCAWhitening:
         """Fit on the buffered sample (all ranks' when distributed), project it, free it."""
         sample = self._buf[: self._filled] if self._buf is not None else np.zeros((0, 0), np.float32)
-        if is_distributed():
-            fit_pca_sharded(sample, self.pca)
-        else:
-            self.pca.fit(sample)
+        fit_pca_sharded(sample, self.pca)
         rows = np.concatenate(self._buf_rows) if self._buf_rows else np.zeros(0, np.int64)
         for start in range(0, self._filled, 8192):  # chunked: no second full-width copy of the sample
             self._write(rows[start:start + 8192], self.pca.transform(sample[start:start + 8192]))

@@ -210,11 +210,13 @@ def _check_image(path: str) -> str | None:
     refused as decompression bombs before any pixel is decoded.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                to_rgb(img)
+        with Image.open(path) as img:  # reads the header only
+            w, h = img.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                return (f"DecompressionBombError: {w} x {h} = {w * h} pixels, over the limit of "
+                        f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+            img.load()
+            to_rgb(img)
     except Exception as e:  # noqa: BLE001 - every decoder failure is a reason to skip
         return f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
     return None
@@ -276,7 +278,10 @@ class FolderSource(ImageSource):
             from concurrent.futures import ThreadPoolExecutor
 
             good = []
-            with ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
+            # Over-size images are refused explicitly in _check_image; the filter (global to
+            # the process, so set once here, not per thread) only keeps PIL's warning quiet.
+            with warnings.catch_warnings(), ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 reasons = list(pool.map(_check_image, [p for p, _ in files]))
             for (path, label), reason in zip(files, reasons):
                 if reason is None:

@@ -42,7 +42,7 @@ def as_tensor(x: np.ndarray | torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         return x.float()
     out = torch.empty(x.shape, dtype=torch.float32)
     for start in range(0, len(x), chunk):
-        out[start:start + chunk] = torch.from_numpy(np.asarray(x[start:start + chunk], dtype=np.float32))
+        out[start:start + chunk] = torch.from_numpy(np.array(x[start:start + chunk], dtype=np.float32))
     return out
 
 
@@ -106,19 +106,22 @@ def train_classifier(make_head: HeadFactory, x: np.ndarray | torch.Tensor, y: np
     rows = np.asarray(rows)
     if len(rows) == 0:
         raise ValueError("no training rows")
+    # A copy (advanced indexing), so standardising it in place leaves the caller's array alone.
     xt = as_tensor(x[rows] if not isinstance(x, torch.Tensor) else x[torch.from_numpy(rows)]).to(device)  # (n, D)
     yt = torch.as_tensor(np.asarray(y)[rows], dtype=torch.int64, device=device)  # (n,)
     torch.manual_seed(seed)
     mean, std = feature_stats(xt, np.arange(len(rows)))
     model = Standardized(mean, std, make_head(xt.shape[1], num_classes)).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    xt.sub_(model.mean).div_(model.std)  # standardised once; the module does it at prediction time
+    head = model.inner
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * ((len(rows) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         for b in torch.randperm(len(rows), generator=gen).to(device).split(batch_size):
-            loss = nn.functional.cross_entropy(model(xt[b]), yt[b])
+            loss = nn.functional.cross_entropy(head(xt[b]), yt[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,13 +140,17 @@ def predict(model: nn.Module, x: np.ndarray | torch.Tensor, rows: np.ndarray, ba
     out = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), batch_size):
         b = rows[start:start + batch_size]
-        xb = x[torch.from_numpy(b)] if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x[b], dtype=np.float32))
+        if isinstance(x, torch.Tensor):
+            xb = x[torch.from_numpy(b)]
+        else:
+            xb = torch.from_numpy(np.asarray(x[b], dtype=np.float32))
         logits = model(xb.float().to(device))
         out[start:start + len(b)] = logits.argmax(1).cpu().numpy()
     return out
 
 
-def top1(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray, rows: np.ndarray, device: str | torch.device = "cpu") -> float:
+def top1(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray, rows: np.ndarray,
+         device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy of ``model`` on ``x[rows]`` against ``y[rows]``."""
     rows = np.asarray(rows)
     return float((predict(model, x, rows, device=device) == np.asarray(y)[rows]).mean())

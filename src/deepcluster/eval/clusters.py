@@ -41,8 +41,8 @@ def cluster_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """
     table = contingency(pred, truth)
     purity = float(table.max(1).sum() / table.sum())
-    return {"nmi": nmi(pred, truth), "ari": ari(pred, truth), "acc": hungarian_accuracy(pred, truth),
-            "purity": purity}
+    return {"nmi": float(nmi(pred, truth)), "ari": float(ari(pred, truth)),
+            "acc": float(hungarian_accuracy(pred, truth)), "purity": purity}
 
 
 def best_kmeans(x: np.ndarray, k: int, n_init: int = 3, niter: int = 20, seed: int = 0) -> np.ndarray:

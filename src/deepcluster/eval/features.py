@@ -71,10 +71,12 @@ def pooled(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class Encoder:
-    """Named frozen features of an image batch. Subclasses set ``layers`` (probe-able
-    feature maps), ``names`` (every feature) and ``clustering_feature``."""
+    """Named frozen features of an image batch. Subclasses set ``layers`` (the feature
+    maps probed by default), ``all_layers`` (every probe-able one), ``names`` (every
+    feature) and ``clustering_feature``."""
 
     layers: list[str]
+    all_layers: list[str]
     names: list[str]
     clustering_feature: str
     key: str
@@ -89,9 +91,11 @@ class Encoder:
 
     def check_layers(self, layers: Sequence[str]) -> list[str]:
         """``layers`` if all are probe-able here, else a one-line error listing them."""
-        unknown = [n for n in layers if n not in self.layers]
+        unknown = [n for n in layers if n not in self.all_layers]
         if unknown:
-            raise ValueError(f"unknown layer(s) {', '.join(unknown)}; this model has {', '.join(self.layers)} "
+            extra = [n for n in self.all_layers if n not in self.layers]
+            more = f" (also {', '.join(extra)})" if extra else ""
+            raise ValueError(f"unknown layer(s) {', '.join(unknown)}; this model has {', '.join(self.layers)}{more} "
                              "(pass e.g. --layers conv1,conv3)")
         if not layers:
             raise ValueError(f"no layers given; choose from {', '.join(self.layers)}")
@@ -115,19 +119,19 @@ class NetEncoder(Encoder):
         self.key = key
         self.target_dim = target_dim or default_target_dim(model.image_size)
         self.layers = [n for n in ("conv1", "conv2", "conv3", "conv4", "conv5") if n in model.conv_layers]
-        self.layers += [n for n in model.conv_layers if n not in self.layers]
-        self.names = self.layers + ["backbone", "fc7"]
+        self.all_layers = self.layers + [n for n in model.conv_layers if n not in self.layers]
+        self.names = self.all_layers + ["backbone", "fc7"]
         self.clustering_feature = "fc7"
-        self._index = {i: n for n, i in model.conv_layers.items()}
+        self._dims: dict[str, dict[str, int]] = {}
         self._dims = self._probe_dims()
 
     @torch.no_grad()
     def _probe_dims(self) -> dict[str, dict[str, int]]:
         x = torch.zeros(1, 3, self.model.image_size, self.model.image_size, device=self.device)
-        acts = self.model.forward_conv(x, self.layers)
+        acts = self._forward(x, self.all_layers, pool=False)
         dims: dict[str, dict[str, int]] = {}
-        for n, a in acts.items():
-            c, h = a.shape[1], a.shape[2]
+        for n in self.all_layers:
+            c, h = acts[n].shape[1], acts[n].shape[2]
             s = pool_side(c, h, self.target_dim)
             dims[n] = {"dim": c * s * s, "channels": c, "spatial": h, "pool": s}
         b = self.model.forward_backbone(x)
@@ -138,18 +142,20 @@ class NetEncoder(Encoder):
     def dims(self) -> dict[str, dict[str, int]]:
         return self._dims
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _forward(self, images: torch.Tensor, names: Sequence[str], pool: bool = True) -> dict[str, torch.Tensor]:
         m = self.model
-        want = {m.conv_layers[n]: n for n in names if n in m.conv_layers}
+        want: dict[int, list[str]] = {}  # index in ``features`` -> names (vgg16: conv3 is also conv3_3)
+        for n in names:
+            if n in m.conv_layers:
+                want.setdefault(m.conv_layers[n], []).append(n)
         need_top = "backbone" in names or "fc7" in names
         last = len(m.features) - 1 if need_top else max(want)
         out: dict[str, torch.Tensor] = {}
         h = m.sobel(images.to(self.device))
         for i, module in enumerate(m.features):  # one pass gives every requested layer
             h = module(h)
-            if i in want:
-                out[want[i]] = pooled(h, self._dims[want[i]]["pool"])
+            for n in want.get(i, ()):
+                out[n] = pooled(h, self._dims[n]["pool"]) if pool else h
             if i == last:
                 break
         if need_top:
@@ -159,6 +165,10 @@ class NetEncoder(Encoder):
             if "fc7" in names:
                 out["fc7"] = m.classifier(flat)  # fc7 before its ReLU, as clustered
         return out
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._forward(images, names)
 
 
 class PixelEncoder(Encoder):
@@ -180,6 +190,7 @@ class PixelEncoder(Encoder):
         s = pool_side(channels, image_size, self.target_dim)
         self._dims = {"pixels": {"dim": channels * s * s, "channels": channels, "spatial": image_size, "pool": s}}
         self.layers = ["pixels"]
+        self.all_layers = ["pixels"]
         self.names = ["pixels"]
         self.clustering_feature = "pixels"
         self.key = f"pixels|{image_size}|{channels}|{self.target_dim}"
@@ -285,7 +296,8 @@ class FeatureStore:
                         raise ValueError(f"{name} features of {split} images are NaN/Inf; the checkpoint has diverged")
                     cast = rows.astype(arrays[name].dtype)
                     if not np.isfinite(cast).all():
-                        raise ValueError(f"{name} features exceed the float16 range; they cannot be cached as float16")
+                        raise ValueError(f"{name} features of {split} images exceed the float16 range of the feature "
+                                         "store (|x| > 65504): the checkpoint's activations have blown up")
                     arrays[name][idx_np] = cast
                 seen[idx_np] = True
         except BaseException:
@@ -300,7 +312,6 @@ class FeatureStore:
             if name in tmp_paths:
                 tmp, final = tmp_paths[name]
                 arr.flush()
-                del arr
                 os.replace(tmp, final)
                 out[name] = np.load(final, mmap_mode="r")
             else:

@@ -94,7 +94,8 @@ def finetune_eval(ctx: EvalContext, label_fraction: float, mode: str = "all", st
     test_top1 = float((test_pred == ctx.data.test_labels).mean())
     val_top1 = float((val_pred == ctx.data.train_labels[ctx.data.val]).mean())
     name = metric_name(mode, label_fraction)
-    logger.info("fine-tune (%s, %s): test top-1 %.4f (val %.4f)", mode, fraction_tag(label_fraction), test_top1, val_top1)
+    logger.info("fine-tune (%s, %s): test top-1 %.4f (val %.4f)", mode, fraction_tag(label_fraction), test_top1,
+                val_top1)
     out = {**ctx.header("finetune"), "mode": mode, "label_fraction": label_fraction,
            "labelled_images": int(len(chosen)), "per_class": per_class.tolist(),
            "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, "momentum": 0.9,

@@ -20,7 +20,7 @@ from .context import EvalContext
 
 logger = logging.getLogger(__name__)
 
-MLP_GRID = Grid(lrs=(0.01, 0.05), weight_decays=(1e-4,), epochs=10, batch_size=256)
+MLP_GRID = Grid(lrs=(0.05, 0.2), weight_decays=(1e-4,), epochs=10, batch_size=256)
 """Default search: 2 learning rates, weight decay 1e-4, 10 epochs (docs/EVALUATION.md)."""
 
 

@@ -196,7 +196,8 @@ def load_eval_data(name: str, root: str | None, image_size: int | None, *, proto
         else:
             kept, held = stratified_holdout(labels, FOLDER_TEST_FRACTION, seed + 1)
             train_src, test_src = Subset(full, kept), Subset(full, held)
-            test_desc = f"stratified {FOLDER_TEST_FRACTION:.0%} of {root} (seed {seed + 1}); pass --test-root for a real test set"
+            test_desc = (f"stratified {FOLDER_TEST_FRACTION:.0%} of {root} (seed {seed + 1}); "
+                         "pass --test-root for a real test set")
     else:
         train_src = build_source(name, root, "train", download)
         require_labels(train_src, protocol, where + " (train split)")

@@ -10,6 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    """Integer epoch ticks, with room around the points when there are few epochs."""
+    ax.set_xlabel("epoch")
+    if epochs:
+        lo, hi = min(epochs), max(epochs)
+        if hi - lo < 4:
+            ax.set_xlim(lo - 0.5, hi + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
@@ -20,7 +31,7 @@ def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
         pts = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax, epochs)
     ax.set_ylabel("NMI")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -51,7 +62,7 @@ def plot_losses(records: Sequence[dict[str, Any]]) -> Figure:
                            (axes[1], "clustering_loss", "clustering loss (k-means)")):
         e, v = _epochs_and(records, key)
         ax.plot(e, v, marker="o")
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax, [r["epoch"] for r in records])
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -67,7 +78,7 @@ def plot_cluster_sizes(records: Sequence[dict[str, Any]]) -> Figure:
         e, v = _epochs_and(records, key)
         ax.plot(e, [max(x, 0.5) for x in v], marker="o", label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax, [r["epoch"] for r in records])
     ax.set_ylabel("images per cluster")
     ax.grid(alpha=0.3, which="both")
     e, v = _epochs_and(records, "empty_reseeded")
@@ -95,7 +106,7 @@ def plot_timings(records: Sequence[dict[str, Any]]) -> Figure:
     other = [max(0.0, float(r.get("epoch_s") or 0.0) - b) for r, b in zip(records, bottom)]
     if any(o > 0.005 * max(bottom + [1e-9]) for o in other):
         ax.bar(epochs, other, bottom=bottom, label="other", color="0.75")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax, epochs)
     ax.set_ylabel("seconds")
     ax.set_title("time per phase", fontsize=10)
     ax.legend(loc="best", fontsize=8)
@@ -115,7 +126,7 @@ def plot_size_histogram(sizes, title: str | None = None) -> Figure:
     if nonempty.size:
         lo, hi = nonempty.min(), nonempty.max()
         if hi > 10 * lo:
-            bins = np.logspace(np.log10(lo), np.log10(hi + 1), 30)
+            bins = np.logspace(np.log10(lo * 0.99), np.log10(hi * 1.01), 30)  # margins: rounding keeps ends in
             ax.set_xscale("log")
         else:
             bins = min(30, max(5, int(hi - lo + 1)))

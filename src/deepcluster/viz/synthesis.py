@@ -26,10 +26,11 @@ from .images import make_grid, stretch
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian of standard deviation ``sigma``, radius ``ceil(3 sigma)``."""
+    """Normalised 1-D Gaussian of standard deviation ``sigma``, radius ``round(3 sigma)``
+    (at least 1; scipy's ``gaussian_filter`` truncation)."""
     if sigma <= 0:
         raise ValueError(f"blur sigma must be > 0, got {sigma}")
-    r = max(1, math.ceil(3 * sigma))
+    r = max(1, int(3 * sigma + 0.5))
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return (k / k.sum()).float()

@@ -1,0 +1,75 @@
+"""Summarise a training run for the docs: per-epoch table of ``metrics.jsonl``.
+
+    python benchmarks/summarize_run.py RUN_DIR docs/TRAINING.md --name fmnist-paper-10ep
+
+Copies ``metrics.jsonl`` and ``nmi.png`` to ``docs/runs/NAME/`` and writes the table
+(NMI vs labels and vs the previous epoch, cluster sizes, losses, kNN probe, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, machine_line  # noqa: E402
+
+
+def fmt(v, spec=".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--name", required=True)
+    args = ap.parse_args()
+    records = [json.loads(l) for l in (args.run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    cfg = yaml.safe_load((args.run / "config.yaml").read_text())
+    dest = args.out.parent / "runs" / args.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "nmi.png", "config.yaml"):
+        if (args.run / f).exists():
+            shutil.copy(args.run / f, dest / f)
+    rows = ["| epoch | NMI vs labels | NMI vs prev | kNN probe | convnet loss | clustering loss | sizes min / median / max "
+            "| extract s | PCA s | k-means s | train s | img/s |", "|" + "---|" * 12]
+    for r in records:
+        rows.append(f"| {r['epoch']} | {fmt(r.get('nmi_labels'))} | {fmt(r.get('nmi_prev'))} | {fmt(r.get('knn_top1'))} "
+                    f"| {r['convnet_loss']:.3f} | {r['clustering_loss']:.3f} | {r['cluster_size_min']} / "
+                    f"{r['cluster_size_median']:.0f} / {r['cluster_size_max']} | {r['extract_s']:.0f} | {r['pca_s']:.1f} "
+                    f"| {r['kmeans_s']:.1f} | {r['train_s']:.0f} | {r['images_per_s']:.0f} |")
+    total = sum(r["epoch_s"] for r in records)
+    d, m, c, o = cfg["data"], cfg["model"], cfg["cluster"], cfg["optim"]
+    text = f"""# Training: {args.name}
+
+Fashion-MNIST, {records[0].get('num_clusters')} clusters, {len(records)} epochs with the **paper's settings**
+(`--preset {cfg.get('preset')}`): `{m['arch']}` (Sobel {m['sobel']}), PCA {c['pca_dim']} whitened + L2,
+k-means k = {c['k']} ({c['niter']} iterations, faiss), SGD lr {o['lr']} constant, momentum {o['momentum']},
+weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale {tuple(o['crop_scale'])} + flip,
+uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs on a 2-core CPU that was shared with
+other jobs during this run (the seconds below are therefore upper bounds; an idle machine does an epoch in about
+3 minutes, see BENCHMARKS.md).
+
+Files: [metrics.jsonl](runs/{args.name}/metrics.jsonl), [config.yaml](runs/{args.name}/config.yaml),
+![NMI over epochs](runs/{args.name}/nmi.png)
+
+{chr(10).join(rows)}
+
+NMI vs labels is computed at the run's k (= {c['k']}) against the 10 classes, for analysis only; the kNN probe
+(`--eval-every 1`) classifies 2,000 held-out training images by their 20 nearest neighbours among 10,000 others
+in fc7 space. Machine: {machine_line(machine_info())}.
+
+Command: `deepcluster train --output-dir runs/{args.name} --epochs {len(records)} --workers {cfg['run']['workers']} --eval-every {cfg['run']['eval_every']}`
+"""
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

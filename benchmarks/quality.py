@@ -375,6 +375,10 @@ def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: di
     if meta["mode"] == "quick":
         parts += ["**Quick mode**: subsets and few epochs; these numbers only show that the pipeline runs. "
                   "Do not compare them with published numbers.", ""]
+    skipped = [p for p in ("linear", "mlp", "knn", "clusters", "finetune") if p not in s["protocols"]]
+    if skipped:
+        parts += [f"**Not measured in this run**: {', '.join(skipped)} (skipped with `--skip`, for time), so "
+                  "their columns are absent; `benchmarks/quality.py` without `--skip` fills them.", ""]
     for name, results in all_results.items():
         parts += [f"## {name}", "", table(name, results, all_rows[name], s["fractions"]), ""]
         extra = []

@@ -127,5 +127,7 @@ def test_memory_benchmark_stays_far_below_the_full_width_features(tmp_path):
 
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["pca_sample"] == 20_000 and r["result_mib"] < 200
-    assert r["peak_above_baseline_mib"] < 0.75 * r["full_width_mib"]
+    # Anonymous memory (the arrays), not RSS: RSS also counts shared-library pages, which
+    # vary by hundreds of MiB between runs on a busy machine (see benchmarks/memory.py).
+    assert r["peak_anon_above_baseline_mib"] < 0.75 * r["full_width_mib"]
     assert (tmp_path / "m.md").read_text().count("200,000 x 1024 -> 256") == 1

@@ -45,7 +45,7 @@ def main() -> None:
                     f"{r['cluster_size_median']:.0f} / {r['cluster_size_max']} | {r['extract_s']:.0f} | {r['pca_s']:.1f} "
                     f"| {r['kmeans_s']:.1f} | {r['train_s']:.0f} | {r['images_per_s']:.0f} |")
     total = sum(r["epoch_s"] for r in records)
-    d, m, c, o = cfg["data"], cfg["model"], cfg["cluster"], cfg["optim"]
+    m, c, o = cfg["model"], cfg["cluster"], cfg["optim"]
     text = f"""# Training: {args.name}
 
 Fashion-MNIST, {records[0].get('num_clusters')} clusters, {len(records)} epochs with the **paper's settings**

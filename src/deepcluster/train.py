@@ -272,26 +272,6 @@ def cluster_reduced(x: np.ndarray, indices: np.ndarray, num_images: int, cfg: Co
     return out
 
 
-def cluster(features: np.ndarray, cfg: Config, seed: int) -> dict[str, Any]:
-    """PCA-whiten + L2 full-width features held in memory, then k-means (or PIC).
-
-    ``(N, fc_dim)`` in, assignments and stats out (one process; the training loop uses
-    :func:`extract_reduced` + :func:`cluster_reduced`, which never hold ``features``).
-    """
-    c = cfg.cluster
-    t0 = time.perf_counter()
-    if not np.isfinite(features).all():
-        bad = int((~np.isfinite(features)).any(1).sum())
-        raise TrainingError(f"features of {bad} images are NaN/Inf: the network diverged; resume with a lower --lr")
-    n = len(features)
-    sample = sample_indices(n, resolve_pca_sample(n, features.shape[1], c.pca_sample), seed)
-    pca = PCAWhitening(c.pca_dim, whiten=c.whiten).fit(features if len(sample) == n else features[sample])
-    x = pca.transform(features)
-    t_pca = time.perf_counter() - t0
-    res = cluster_reduced(x, np.arange(n), n, cfg, seed)
-    return {**res, "pca": pca, "pca_s": t_pca}
-
-
 def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, head_optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, class_weights: torch.Tensor | None = None,

@@ -54,7 +54,7 @@ k-means k = {c['k']} ({c['niter']} iterations, faiss), SGD lr {o['lr']} constant
 weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale {tuple(o['crop_scale'])} + flip,
 uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs on a 2-core CPU that was shared with
 other jobs during this run (the seconds below are therefore upper bounds; an idle machine does an epoch in about
-3 minutes, see BENCHMARKS.md).
+2 minutes, see BENCHMARKS.md).
 
 Files: [metrics.jsonl](runs/{args.name}/metrics.jsonl), [config.yaml](runs/{args.name}/config.yaml),
 ![NMI over epochs](runs/{args.name}/nmi.png)

@@ -179,3 +179,12 @@ def test_write_table_csv_expands_features(tmp_path):
                     {"path": "b,c.png", "cluster": "1", "f0": "2", "f1": "-1"}]
     with pytest.raises(ValueError, match="differ in length"):
         write_table({"a": [1], "b": [1, 2]}, tmp_path / "u.csv", "csv")
+
+
+def test_cli_choices_match_the_library():
+    from deepcluster import export as lib
+    from deepcluster.cli import assign as cli_assign
+    from deepcluster.cli import export as cli_export
+
+    assert cli_export.FORMATS == cli_assign.FORMATS == lib.FORMATS
+    assert cli_export.FEATURE_KINDS == cli_assign.FEATURE_KINDS == lib.FEATURE_KINDS

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-FORMATS = ("csv", "parquet", "npy")  # deepcluster.export.FORMATS (kept cheap to import)
-FEATURE_KINDS = ("pca", "fc7")
+from .export import FEATURE_KINDS, FORMATS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-FORMATS = ("csv", "parquet", "npy")  # deepcluster.export.FORMATS (kept cheap to import)
+# The choices of deepcluster.export, repeated here so that building the parser does not
+# import torch; tests/test_export_assign.py checks that the two agree.
+FORMATS = ("csv", "parquet", "npy")
 FEATURE_KINDS = ("pca", "fc7")
 
 

@@ -194,6 +194,10 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tiny_mnist_root, refe
     and set-up; after each, the checkpoint on disk is complete (loads, epoch never goes
     back); ``--resume`` finishes a run identical to the uninterrupted one."""
     rng = np.random.default_rng(20181)
+    # How long to sleep once inside a phase: at most half of its shortest duration in the
+    # reference run, so the kill lands inside it on a fast machine as on a slow one.
+    refs = records(reference)
+    inside = {ph: 0.5 * min(r[f"{ph}_s"] for r in refs) for ph in ("train", "extract")}
     plan = ["train"] * 3 + ["extract"] * 3 + ["kmeans"] * 3 + ["checkpoint"] * 3 + ["setup"] * 2
     targets = rng.permutation(plan)
     target_epochs = np.sort(rng.integers(0, EPOCHS, len(plan)))
@@ -217,7 +221,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tiny_mnist_root, refe
                     break
                 time.sleep(0.05 if ph == "startup" else 0.001)  # imports take seconds
             if target in ("train", "extract") and ph == target:  # somewhere inside the phase
-                time.sleep(rng.uniform(0, 0.15 if target == "train" else 0.05))
+                time.sleep(rng.uniform(0, inside[target]))
         ph = "checkpoint" if target == "checkpoint" else child.phase()
         child.proc.send_signal(signal.SIGKILL)
         rc = child.finish()

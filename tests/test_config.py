@@ -44,3 +44,38 @@ def test_bad_yaml_file(tmp_path):
         load_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="unknown preset"):
         resolve(preset="nope")
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"optim": {"affine": -1.0}}, "optim.affine"),
+    ({"optim": {"erasing": 1.5}}, "optim.erasing"),
+    ({"model": {"dropout": 1.0}}, "model.dropout"),
+])
+def test_augmentation_and_dropout_ranges(d, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(d)
+
+
+def test_augmentation_flags_reach_the_config_and_the_transform():
+    import argparse
+
+    import torchvision.transforms as T
+
+    from deepcluster.cli import train as cli_train
+    from deepcluster.data import image_spec, train_transform
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--crop-scale", "0.4", "0.9", "--no-hflip", "--affine", "0.5",
+                              "--erasing", "0.25", "--dropout", "0.1", "--no-whiten"])
+    cfg = resolve(overrides=cli_train.flags_to_overrides(args, cli_train.TRAIN_FLAGS))
+    assert cfg.optim.crop_scale == (0.4, 0.9) and cfg.optim.hflip is False
+    assert (cfg.optim.affine, cfg.optim.erasing, cfg.model.dropout, cfg.cluster.whiten) == (0.5, 0.25, 0.1, False)
+    ops = train_transform(image_spec("fashion-mnist"), cfg.optim.crop_scale, cfg.optim.hflip,
+                          affine=cfg.optim.affine, erasing=cfg.optim.erasing).transforms
+    kinds = [type(o) for o in ops]
+    assert kinds == [T.RandomAffine, T.RandomResizedCrop, T.ToTensor, T.Normalize, T.RandomErasing]
+    assert ops[0].degrees == [-7.5, 7.5] and ops[1].scale == (0.4, 0.9) and ops[4].p == 0.25
+    # Off by default: the paper's crop + flip only.
+    plain = [type(o) for o in train_transform(image_spec("fashion-mnist")).transforms]
+    assert plain == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]

@@ -89,6 +89,11 @@ class OptimConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop scale range of the training augmentation."""
     hflip: bool = True
+    affine: float = 0.0
+    """Strength of a random affine warp before the crop (0: off; 1: rotation up to 15
+    degrees, translation up to 10 %, shear up to 10 degrees)."""
+    erasing: float = 0.0
+    """Probability of random erasing (a rectangle of 2-20 % of the image set to 0)."""
 
 
 @dataclass
@@ -242,6 +247,9 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.balance in ("sampler", "weight", "none"), f"optim.balance must be sampler, weight or none, got {cfg.optim.balance!r}"),
         (0 < cfg.optim.crop_scale[0] <= cfg.optim.crop_scale[1] <= 1, "optim.crop_scale must satisfy 0 < min <= max <= 1"),
+        (0 <= cfg.optim.affine <= 4, "optim.affine must be in [0, 4]"),
+        (0 <= cfg.optim.erasing <= 1, "optim.erasing must be in [0, 1]"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.run.workers >= 0, "run.workers must be >= 0"),
         (cfg.cluster.feature_dtype in ("float32", "float16"), f"cluster.feature_dtype must be float32 or float16, got {cfg.cluster.feature_dtype!r}"),
         (cfg.cluster.pca_sample is None or cfg.cluster.pca_sample >= 2, "cluster.pca_sample must be >= 2 (or null: automatic)"),

@@ -527,7 +527,8 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
         raise DataError(f"--k {cfg.cluster.k} is larger than the number of images ({n}); lower --k")
     spec = image_spec(cfg.data.name, cfg.data.image_size)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
-    train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip))
+    train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip,
+                                                          affine=cfg.optim.affine, erasing=cfg.optim.erasing))
     labels = source.labels
 
     meta = _meta(cfg, n, spec.size)

@@ -27,6 +27,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
+    "crop_scale": ("optim", "crop_scale"), "hflip": ("optim", "hflip"), "affine": ("optim", "affine"),
+    "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"), "dropout": ("model", "dropout"),
     "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
 }
 
@@ -47,10 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-sobel", dest="sobel", action="store_const", const=False, help="feed raw RGB instead of Sobel")
     g.add_argument("--width", type=float, help="alexnet_small channel multiplier (default 0.5)")
     g.add_argument("--fc-dim", type=int, help="width of fc6/fc7")
+    g.add_argument("--dropout", type=float, help="dropout before fc6 and fc7 (paper: 0.5)")
     g = p.add_argument_group("clustering")
     g.add_argument("--clustering", choices=["kmeans", "pic"], help="kmeans (default) or pic")
     g.add_argument("--k", type=int, help="number of clusters; some over-segmentation helps (paper: 10k on ImageNet)")
     g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
+    g.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
+                   help="PCA without whitening (paper: whitened)")
     g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
     g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
     g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all when N x fc_dim floats "
@@ -64,6 +69,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, help="SGD learning rate (paper: 0.05, constant)")
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="area range of the random resized crop (paper: 0.08 1)")
+    g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False, help="no random horizontal flips")
+    g.add_argument("--affine", type=float, help="random affine warp strength (0 off; 1: 15 deg, 10%% shift, 10 deg shear)")
+    g.add_argument("--erasing", type=float, help="random erasing probability (0 off)")
     g.add_argument("--balance", choices=["sampler", "weight", "none"],
                    help="against trivial parametrisation: uniform sampling over clusters (default) or loss weights")
     g = p.add_argument_group("run")

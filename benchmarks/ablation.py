@@ -1,0 +1,228 @@
+"""Ablations for small images (issue 6): one change at a time from a base setting, each
+run trained on a fixed subset of the training split and scored with ``deepcluster eval``
+(k-means with k = classes on the test split: NMI / ACC; cosine k-NN, the subset as
+reference). Prints the table and writes ``docs/ABLATION.md`` (with the commands and the
+time each run took) and ``docs/benchmarks/ablation.json``.
+
+Usage::
+
+    # the default ablation list, 10k-image subset, 8 epochs, two runs at a time
+    .venv/bin/python benchmarks/ablation.py --jobs 2
+
+    # chosen variants only (names from --list), more epochs
+    .venv/bin/python benchmarks/ablation.py --only base,no-sobel --epochs 12
+
+    # tiny end-to-end check (1k images, 1 epoch, temporary folder, docs untouched)
+    .venv/bin/python benchmarks/ablation.py --quick
+
+A variant is the base flags plus its own (later flags win). Finished runs in
+``--work-dir`` are reused, so the table can be grown variant by variant; ``random``
+is the base network at initialisation (``deepcluster eval baseline random``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import machine_info, machine_line  # noqa: E402
+
+PAPER = ["--preset", "paper"]
+# name -> (what changes, flags added to the base); "base" is the paper's settings.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "base": ("paper settings (alexnet_small, Sobel, k=100, crop 0.08-1, flip, lr 0.05, PCA 256)", []),
+    "no-sobel": ("raw grey input instead of Sobel", ["--no-sobel"]),
+    "crop-0.5": ("milder crops: scale 0.5-1", ["--crop-scale", "0.5", "1"]),
+    "crop-0.2": ("crops scale 0.2-1", ["--crop-scale", "0.2", "1"]),
+    "affine": ("+ random affine (15 deg, 10 % shift, 10 deg shear), crops 0.5-1",
+               ["--affine", "1", "--crop-scale", "0.5", "1"]),
+    "erasing": ("+ random erasing p=0.5", ["--erasing", "0.5"]),
+    "k10": ("k = 10 (no over-segmentation)", ["--k", "10"]),
+    "k30": ("k = 30", ["--k", "30"]),
+    "k300": ("k = 300", ["--k", "300"]),
+    "pca64": ("PCA to 64 dimensions", ["--pca-dim", "64"]),
+    "no-whiten": ("PCA without whitening", ["--no-whiten"]),
+    "lr0.01": ("lr 0.01", ["--lr", "0.01"]),
+    "lr0.1": ("lr 0.1", ["--lr", "0.1"]),
+    "dropout0": ("no dropout in fc6/fc7", ["--dropout", "0"]),
+    "balance-weight": ("loss weights instead of the uniform sampler", ["--balance", "weight"]),
+    "width1": ("full-width alexnet_small (width 1)", ["--width", "1"]),
+}
+
+
+def run_cmd(cmd: list[str], log: Path, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OMP_WAIT_POLICY": "PASSIVE"}
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if p.returncode:
+        raise RuntimeError(f"failed ({p.returncode}), see {log}: {shlex.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def finished_epochs(run: Path) -> int:
+    m = run / "metrics.jsonl"
+    return len(m.read_text().splitlines()) if m.exists() else 0
+
+
+def evaluate(run: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    dc = [sys.executable, "-m", "deepcluster", "eval"]
+    common = ["--checkpoint", str(run), "--workers", "0", "--threads", str(args.threads)]
+    if args.eval_subset:
+        common += ["--subset", str(args.eval_subset)]
+    if args.test_subset:
+        common += ["--test-subset", str(args.test_subset)]
+    t = run_cmd(dc + ["clusters", *common], log, args.threads)
+    t += run_cmd(dc + ["knn", *common], log, args.threads)
+    clusters = json.loads((run / "eval" / "clusters.json").read_text())["metrics"]
+    knn = json.loads((run / "eval" / "knn.json").read_text())["metrics"]
+    return {"nmi": clusters["nmi"], "acc": clusters["acc"], "ari": clusters["ari"], "knn": knn["knn"], "eval_s": t}
+
+
+def one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    run = args.work_dir / name
+    log = args.work_dir / f"{name}.log"
+    what, flags = VARIANTS[name]
+    cmd = [sys.executable, "-m", "deepcluster", "train", *PAPER, "--subset", str(args.subset), "--epochs",
+           str(args.epochs), "--seed", str(args.seed), "--workers", "0", "--output-dir", str(run),
+           *args.base_flags, *flags]
+    if finished_epochs(run) >= args.epochs:
+        train_s = json.loads((args.work_dir / f"{name}.time").read_text())["train_s"]
+    else:
+        if run.exists() and finished_epochs(run) == 0:
+            raise RuntimeError(f"{run} holds an unfinished run: delete it or resume it by hand")
+        train_s = run_cmd(cmd + (["--resume"] if run.exists() else []), log, args.threads)
+        (args.work_dir / f"{name}.time").write_text(json.dumps({"train_s": train_s}))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    res = {"name": name, "what": what, "command": shlex.join(["deepcluster", *cmd[3:]]), "train_s": train_s,
+           "nmi_labels": [r.get("nmi_labels") for r in recs], **evaluate(run, args, log)}
+    print(f"{name:16s} NMI {res['nmi']:.3f} ACC {res['acc']:.3f} kNN {res['knn']:.3f} "
+          f"train {train_s / 60:.1f} min  train-NMI {res['nmi_labels'][0]:.3f} -> {res['nmi_labels'][-1]:.3f}",
+          flush=True)
+    return res
+
+
+def random_row(args: argparse.Namespace, ref: str) -> dict[str, Any]:
+    out = args.work_dir / "random"
+    log = args.work_dir / "random.log"
+    if not (out / "checkpoint.pt").exists():
+        run_cmd([sys.executable, "-m", "deepcluster", "eval", "baseline", "random", "--checkpoint",
+                 str(args.work_dir / ref), "--output", str(out)], log, args.threads)
+    res = {"name": "random", "what": f"the {ref} network at initialisation", "command": "", "train_s": 0.0,
+           "nmi_labels": [], **evaluate(out, args, log)}
+    print(f"{'random':16s} NMI {res['nmi']:.3f} ACC {res['acc']:.3f} kNN {res['knn']:.3f}", flush=True)
+    return res
+
+
+def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> None:
+    base = next((r for r in rows if r["name"] == "base"), None)
+    lines = [
+        "# Ablations on small images (issue 6)",
+        "",
+        f"Measured {machine_line(info)}; {args.jobs} run(s) at a time, {args.threads} thread(s) each.",
+        "",
+        f"Each row trains DeepCluster on a fixed random subset of {args.subset} Fashion-MNIST training images for "
+        f"{args.epochs} epochs (seed {args.seed}), starting from `--preset paper` "
+        f"{'plus `' + shlex.join(args.base_flags) + '` ' if args.base_flags else ''}and changing one thing. "
+        "Scores come from `deepcluster eval`: **NMI / ACC** of k-means with k = 10 on the fc7 features of the "
+        f"{'%d' % args.test_subset if args.test_subset else '10000'} test images (the better of whitened / "
+        "L2 preprocessing, chosen on a validation part), **kNN** the cosine 20-NN top-1 on the test images "
+        f"with the {args.eval_subset or 'full'} training images as reference. **train NMI** is the NMI of "
+        "the training-time assignments (k of the run) against the labels at the first and last epoch. "
+        "Δ columns are against `base`. Produced by:",
+        "",
+        "```",
+        shlex.join([".venv/bin/python", "benchmarks/ablation.py", *sys.argv[1:]]),
+        "```",
+        "",
+        "| variant | change | NMI | ΔNMI | ACC | kNN | ΔkNN | train NMI first → last | train min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dn = f"{r['nmi'] - base['nmi']:+.3f}" if base and r is not base else ""
+        dk = f"{r['knn'] - base['knn']:+.3f}" if base and r is not base else ""
+        tn = f"{r['nmi_labels'][0]:.3f} → {r['nmi_labels'][-1]:.3f}" if r["nmi_labels"] else ""
+        lines.append(f"| `{r['name']}` | {r['what']} | {r['nmi']:.3f} | {dn} | {r['acc']:.3f} | {r['knn']:.3f} | "
+                     f"{dk} | {tn} | {r['train_s'] / 60:.1f} |")
+    lines += ["", "Commands of the rows (run from the repository root):", "", "```"]
+    lines += [r["command"] for r in rows if r["command"]]
+    lines += ["```", ""]
+    extra = args.out_dir / "ABLATION.notes.md"
+    if extra.exists():
+        lines += [extra.read_text()]
+    (args.out_dir / "ABLATION.md").write_text("\n".join(lines) + "\n")
+    (args.out_dir / "benchmarks").mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "benchmarks" / "ablation.json").write_text(
+        json.dumps({"machine": info, "settings": {k: str(v) if isinstance(v, Path) else v
+                                                  for k, v in vars(args).items()}, "rows": rows}, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", type=lambda t: t.split(","), help="comma-separated variant names (default: all)")
+    p.add_argument("--list", action="store_true", help="print the variants and stop")
+    p.add_argument("--subset", type=int, default=10000, help="training images per run (default 10000)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-flags", type=shlex.split, default=[], help="flags added to every run, e.g. '--k 30'")
+    p.add_argument("--eval-subset", type=int, help="kNN reference / PCA-fit images (default: --subset)")
+    p.add_argument("--test-subset", type=int, help="test images scored (default: all 10000)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
+    p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "ablation")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "docs")
+    p.add_argument("--quick", action="store_true", help="1000 images, 1 epoch, temporary folder, docs untouched")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, (what, flags) in VARIANTS.items():
+            print(f"{name:16s} {what}  {shlex.join(flags)}")
+        return 0
+    if args.quick:
+        tmp = Path(tempfile.mkdtemp(prefix="ablation-"))
+        args.subset, args.epochs, args.test_subset = 1000, 1, 500
+        args.work_dir, args.out_dir = tmp / "runs", tmp / "docs"
+        args.only = args.only or ["base", "k10"]
+        args.base_flags = args.base_flags + ["--width", "0.25", "--fc-dim", "256", "--pca-dim", "32"]
+    args.eval_subset = args.eval_subset or args.subset
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    names = args.only or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; see --list")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    order = (["base"] if "base" in names else []) + [n for n in names if n != "base"]
+    rows: list[dict[str, Any]] = []
+    if "base" in order:  # first: the others are compared with it, and random needs its checkpoint
+        rows.append(one("base", args))
+        rows.append(random_row(args, "base"))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows += list(pool.map(lambda n: one(n, args), [n for n in order if n != "base"]))
+    previous = args.out_dir / "benchmarks" / "ablation.json"
+    if previous.exists() and not args.quick:  # keep rows measured earlier, replaced by re-measured ones
+        done = {r["name"] for r in rows}
+        rows += [r for r in json.loads(previous.read_text())["rows"] if r["name"] not in done]
+    rows.sort(key=lambda r: (r["name"] != "base", r["name"] != "random", list(VARIANTS).index(r["name"])
+                             if r["name"] in VARIANTS else 0))
+    write_docs(rows, args, info)
+    print(f"wrote {args.out_dir / 'ABLATION.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,7 +56,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr0.01": ("lr 0.01", ["--lr", "0.01"]),
     "lr0.1": ("lr 0.1", ["--lr", "0.1"]),
     "dropout0": ("no dropout in fc6/fc7", ["--dropout", "0"]),
+    "batch64": ("batch 64 (4x the steps per epoch)", ["--batch-size", "64"]),
+    "dropout0-crop0.5": ("no dropout and crops 0.5-1 together", ["--dropout", "0", "--crop-scale", "0.5", "1"]),
     "balance-weight": ("loss weights instead of the uniform sampler", ["--balance", "weight"]),
+    "head-centroids": ("DeepCluster-v2 head: cosine to the fixed centroids / 0.1 instead of a new random "
+                       "linear layer each epoch", ["--head", "centroids"]),
     "width1": ("full-width alexnet_small (width 1)", ["--width", "1"]),
 }
 
@@ -108,7 +112,8 @@ def one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         train_s = run_cmd(cmd + (["--resume"] if run.exists() else []), log, args.threads)
         (args.work_dir / f"{name}.time").write_text(json.dumps({"train_s": train_s}))
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    res = {"name": name, "what": what, "command": shlex.join(["deepcluster", *cmd[3:]]), "train_s": train_s,
+    shown = [str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT) + "/") else a for a in cmd[3:]]
+    res = {"name": name, "what": what, "command": shlex.join(["deepcluster", *shown]), "train_s": train_s,
            "nmi_labels": [r.get("nmi_labels") for r in recs], **evaluate(run, args, log)}
     print(f"{name:16s} NMI {res['nmi']:.3f} ACC {res['acc']:.3f} kNN {res['knn']:.3f} "
           f"train {train_s / 60:.1f} min  train-NMI {res['nmi_labels'][0]:.3f} -> {res['nmi_labels'][-1]:.3f}",

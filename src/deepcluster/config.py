@@ -94,6 +94,11 @@ class OptimConfig:
     degrees, translation up to 10 %, shear up to 10 degrees)."""
     erasing: float = 0.0
     """Probability of random erasing (a rectangle of 2-20 % of the image set to 0)."""
+    head: str = "random"
+    """random (paper: a new linear classifier every epoch) or centroids (DeepCluster-v2:
+    cosine similarity to this epoch's centroids, fixed, over ``temperature``)."""
+    temperature: float = 0.1
+    """Softmax temperature of ``head: centroids``."""
 
 
 @dataclass
@@ -249,6 +254,8 @@ def validate(cfg: Config) -> None:
         (0 < cfg.optim.crop_scale[0] <= cfg.optim.crop_scale[1] <= 1, "optim.crop_scale must satisfy 0 < min <= max <= 1"),
         (0 <= cfg.optim.affine <= 4, "optim.affine must be in [0, 4]"),
         (0 <= cfg.optim.erasing <= 1, "optim.erasing must be in [0, 1]"),
+        (cfg.optim.head in ("random", "centroids"), "optim.head must be random or centroids"),
+        (cfg.optim.temperature > 0, "optim.temperature must be > 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.run.workers >= 0, "run.workers must be >= 0"),
         (cfg.cluster.feature_dtype in ("float32", "float16"), f"cluster.feature_dtype must be float32 or float16, got {cfg.cluster.feature_dtype!r}"),

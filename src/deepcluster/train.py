@@ -39,7 +39,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, co
                           init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
 from .diagnostics import collapse_warning, recent_nmi_prev
 from .metrics import nmi
-from .models import DeepClusterNet, create_model
+from .models import CentroidClassifier, CentroidHead, DeepClusterNet, create_model
 from .tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
@@ -643,6 +643,10 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     train_loader = make_loader(train_ds, per_rank_batch_size(bs, world_size()), workers, sampler=sampler,
                                seed=epoch_seed(cfg.run.seed, epoch, 5) + rank())
     net: nn.Module = model
+    if cfg.optim.head == "centroids":  # DeepCluster-v2: score against this epoch's centroids
+        pca = res["pca"]
+        head = CentroidHead(pca.mean, pca.projection, res["centroids"], cfg.optim.temperature).to(device)
+        net = CentroidClassifier(model, head)
     if is_distributed():  # re-wrapped every epoch: the head is a new layer
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     stats = train_one_epoch(net, train_loader, torch.from_numpy(assignments), optimizer, head_optimizer,

@@ -28,7 +28,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
     "crop_scale": ("optim", "crop_scale"), "hflip": ("optim", "hflip"), "affine": ("optim", "affine"),
-    "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"), "dropout": ("model", "dropout"),
+    "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"),
+    "head": ("optim", "head"), "temperature": ("optim", "temperature"), "dropout": ("model", "dropout"),
     "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
 }
 
@@ -74,6 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False, help="no random horizontal flips")
     g.add_argument("--affine", type=float, help="random affine warp strength (0 off; 1: 15 deg, 10%% shift, 10 deg shear)")
     g.add_argument("--erasing", type=float, help="random erasing probability (0 off)")
+    g.add_argument("--head", choices=["random", "centroids"],
+                   help="classifier trained each epoch: a new random linear layer (paper) or the k-means "
+                        "centroids, fixed (DeepCluster-v2)")
+    g.add_argument("--temperature", type=float, help="softmax temperature of --head centroids (default 0.1)")
     g.add_argument("--balance", choices=["sampler", "weight", "none"],
                    help="against trivial parametrisation: uniform sampling over clusters (default) or loss weights")
     g = p.add_argument_group("run")

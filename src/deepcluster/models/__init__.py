@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .alexnet import alexnet, alexnet_small
+from .centroid_head import CentroidClassifier, CentroidHead
 from .convnet import DeepClusterNet
 from .sobel import Sobel
 from .vgg import vgg16
@@ -42,5 +43,5 @@ def create_model(name: str, sobel: bool = True, num_clusters: int = 100, **kwarg
     return _REGISTRY[name](num_clusters=num_clusters, sobel=sobel, **kwargs)
 
 
-__all__ = ["DeepClusterNet", "Sobel", "create_model", "list_models", "register_model",
+__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "Sobel", "create_model", "list_models", "register_model",
            "alexnet", "alexnet_small", "vgg16"]

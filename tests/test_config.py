@@ -79,3 +79,15 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     # Off by default: the paper's crop + flip only.
     plain = [type(o) for o in train_transform(image_spec("fashion-mnist")).transforms]
     assert plain == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+
+
+def test_presets_paper_is_the_defaults_small_images_changes_only_what_the_ablation_chose():
+    from deepcluster.config import PRESETS
+
+    assert resolve(preset="paper") == resolve()
+    small, paper = resolve(preset="small-images").to_dict(), resolve(preset="paper").to_dict()
+    changed = {(s, k) for s in paper if isinstance(paper[s], dict) for k in paper[s] if small[s][k] != paper[s][k]}
+    assert changed == {(s, k) for s, d in PRESETS["small-images"].items() for k in d}
+    assert small["preset"] == "small-images"
+    # flags and files still override a preset
+    assert resolve(preset="small-images", overrides={"optim": {"epochs": 3}}).optim.epochs == 3

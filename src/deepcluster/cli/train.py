@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train DeepCluster", description="Train DeepCluster: alternate k-means on the "
                        "network's features and training on the cluster assignments.")
     p.add_argument("--config", help="YAML file with sections data/model/cluster/optim/run (flags override it)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named set of defaults (paper: the paper's settings)")
+    p.add_argument("--preset", choices=sorted(PRESETS), 
+                   help="named set of defaults: paper (the paper's settings, default) or small-images "
+                        "(docs/ABLATION.md)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="fashion-mnist (default), mnist, cifar10, stl10 or folder")
     g.add_argument("--data-root", help="folder of the data set's files (required for folder/cifar10/stl10)")

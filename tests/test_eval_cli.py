@@ -113,3 +113,17 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path, capsys):
                     "knn needs labels but data set 'folder' at")
     _one_line_error(capsys, main(["eval", "baseline", "supervised", "--checkpoint", str(unl), "--output",
                                   str(tmp_path / "s")]), "the supervised baseline needs labels")
+
+
+def test_knn_and_clusters_on_another_feature_write_their_own_file(tiny_run, capsys):
+    ev = tiny_run / "eval"
+    assert run_eval("knn", "--checkpoint", str(tiny_run), "--k", "5", "--feature", "conv3") == 0
+    assert run_eval("clusters", "--checkpoint", str(tiny_run), "--n-init", "1", "--feature", "backbone") == 0
+    knn = json.loads((ev / "knn-conv3.json").read_text())
+    assert knn["feature"] == "conv3" and knn["k"] == 5
+    assert json.loads((ev / "clusters-backbone.json").read_text())["feature"] == "backbone"
+    if (ev / "knn.json").exists():  # the default result is not overwritten
+        assert json.loads((ev / "knn.json").read_text())["feature"] == "fc7"
+    capsys.readouterr()
+    assert run_eval("knn", "--checkpoint", str(tiny_run), "--feature", "conv9") != 0
+    assert "unknown feature 'conv9'" in capsys.readouterr().err

@@ -89,12 +89,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(q, pixels=True)
     q.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     q.add_argument("--temperature", type=float, default=0.07, help="of the weighted vote (default 0.07)")
+    q.add_argument("--feature", help="fc7 (default), backbone or conv1..conv5 (pooled); written to knn-<feature>.json")
     q.set_defaults(func=cmd_eval)
 
     q = ps.add_parser("clusters", help="k-means with k = classes on the features: NMI, ACC, ARI")
     _common(q, pixels=True)
     q.add_argument("--split", choices=["test", "train"], default="test", help="images clustered (default test)")
     q.add_argument("--n-init", type=int, default=3, help="k-means restarts, lowest loss kept (default 3)")
+    q.add_argument("--feature", help="fc7 (default), backbone or conv1..conv5 (pooled); written to clusters-<feature>.json")
     q.set_defaults(func=cmd_eval)
 
     q = ps.add_parser("finetune", help="fine-tune on a class-balanced fraction of the labels")
@@ -158,9 +160,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         grid = Grid(args.lrs or g.lrs, args.weight_decays or g.weight_decays, args.epochs or g.epochs, g.batch_size)
         out = mlp_eval(ctx, grid)
     elif p == "knn":
-        out = knn_eval(ctx, k=args.k, temperature=args.temperature)
+        out = knn_eval(ctx, k=args.k, temperature=args.temperature, feature=args.feature)
     elif p == "clusters":
-        out = clusters_eval(ctx, split=args.split, n_init=args.n_init)
+        out = clusters_eval(ctx, split=args.split, n_init=args.n_init, feature=args.feature)
     else:
         mode = "fc" if args.fc_only else "scratch" if args.from_scratch else "all"
         out = finetune_eval(ctx, args.label_fraction, mode, steps=args.steps, batch_size=args.train_batch_size,

@@ -72,20 +72,24 @@ def _training_source_labels(ctx: EvalContext) -> np.ndarray | None:
 
 
 def clusters_eval(ctx: EvalContext, split: str = "test", n_init: int = 3, niter: int = 20,
-                  pca_dim: int | None = None, write: bool = True) -> dict[str, Any]:
+                  pca_dim: int | None = None, write: bool = True, feature: str | None = None) -> dict[str, Any]:
     """k-means (k = number of classes) on ``split``'s features; training-time assignments.
 
     Args:
         split: ``test`` (default) or ``train``: the images clustered and scored.
         n_init: k-means restarts (lowest loss kept).
         pca_dim: PCA dimension of the ``whitened`` variant (default: the run's, else 256).
+        feature: which feature (default: the clustering feature; see :func:`knn_eval`).
 
     Returns:
         The result (``metrics -> {"nmi", "acc", "ari", "purity"}`` of the variant chosen on
         validation, and ``<variant>_nmi`` ... for both); written to ``clusters.json``.
     """
     t0 = time.perf_counter()
-    feature = ctx.encoder.clustering_feature
+    default = ctx.encoder.clustering_feature
+    feature = feature or default
+    if feature not in ctx.encoder.names:
+        raise ValueError(f"unknown feature {feature!r}; this model has {', '.join(ctx.encoder.names)}")
     k = ctx.data.num_classes
     train = np.asarray(ctx.store.get("train", [feature])[feature], dtype=np.float32)
     evald = train if split == "train" else np.asarray(ctx.store.get(split, [feature])[feature], dtype=np.float32)
@@ -124,5 +128,5 @@ def clusters_eval(ctx: EvalContext, split: str = "test", n_init: int = 3, niter:
            "n_init": n_init, "niter": niter, "variants": variants, "best": best, "training_assignments": training,
            "metrics": metrics, "seconds": time.perf_counter() - t0}
     if write:
-        ctx.write("clusters", out)
+        ctx.write("clusters" if feature == default else f"clusters-{feature}", out)
     return out

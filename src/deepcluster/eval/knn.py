@@ -91,13 +91,18 @@ def knn_eval(ctx: EvalContext, k: int = K, temperature: float = TEMPERATURE, fea
     """k-NN top-1 on the test split, the whole training split as reference.
 
     Args:
-        feature: which feature (default: the clustering feature, ``fc7`` or ``pixels``).
+        feature: which feature (default: the clustering feature, ``fc7`` or ``pixels``;
+            a network also has ``conv1``... ``conv5`` and ``backbone``, pooled).
 
     Returns:
-        The result (``metrics -> {"knn", "knn_weighted"}``); written to ``knn.json``.
+        The result (``metrics -> {"knn", "knn_weighted"}``); written to ``knn.json``
+        (``knn-<feature>.json`` for another feature).
     """
     t0 = time.perf_counter()
-    feature = feature or ctx.encoder.clustering_feature
+    default = ctx.encoder.clustering_feature
+    feature = feature or default
+    if feature not in ctx.encoder.names:
+        raise ValueError(f"unknown feature {feature!r}; this model has {', '.join(ctx.encoder.names)}")
     train = ctx.store.get("train", [feature])[feature]
     test = ctx.store.get("test", [feature])[feature]
     plain, weighted = knn_classify(train, ctx.data.train_labels, test, k, ctx.data.num_classes, temperature)
@@ -107,7 +112,7 @@ def knn_eval(ctx: EvalContext, k: int = K, temperature: float = TEMPERATURE, fea
     out = {**ctx.header("knn"), "feature": feature, "dim": int(train.shape[1]), "k": k, "temperature": temperature,
            "reference_images": len(train), "metrics": metrics, "seconds": time.perf_counter() - t0}
     if write:
-        ctx.write("knn", out)
+        ctx.write("knn" if feature == default else f"knn-{feature}", out)
     return out
 
 

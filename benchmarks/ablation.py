@@ -139,6 +139,11 @@ def random_row(args: argparse.Namespace, ref: str) -> dict[str, Any]:
     return res
 
 
+def relative(command: str) -> str:
+    """``command`` with this checkout's absolute paths made relative to the repository root."""
+    return command.replace(str(ROOT) + "/", "")
+
+
 def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> None:
     base = next((r for r in rows if r["name"] == "base"), None)
     lines = [
@@ -154,10 +159,12 @@ def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[
         "L2 preprocessing, chosen on a validation part), **kNN** the cosine 20-NN top-1 on the test images "
         f"with the {args.eval_subset or 'full'} training images as reference. **train NMI** is the NMI of "
         "the training-time assignments (k of the run) against the labels at the first and last epoch. "
-        "Δ columns are against `base`. Produced by:",
+        "Δ columns are against `base`; `train min` is wall-clock training time with "
+        f"{args.jobs} run(s) sharing the machine. Rows are kept between invocations of the script; "
+        "this table merges:",
         "",
         "```",
-        shlex.join([".venv/bin/python", "benchmarks/ablation.py", *sys.argv[1:]]),
+        *dict.fromkeys(r.get("invocation", "") for r in rows if r.get("invocation")),
         "```",
         "",
         "| variant | change | NMI | ΔNMI | ACC | kNN | ΔkNN | train NMI first → last | train min |",
@@ -170,7 +177,7 @@ def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[
         lines.append(f"| `{r['name']}` | {r['what']} | {r['nmi']:.3f} | {dn} | {r['acc']:.3f} | {r['knn']:.3f} | "
                      f"{dk} | {tn} | {r['train_s'] / 60:.1f} |")
     lines += ["", "Commands of the rows (run from the repository root):", "", "```"]
-    lines += [r["command"] for r in rows if r["command"]]
+    lines += [relative(r["command"]) for r in rows if r["command"]]
     lines += ["```", ""]
     extra = args.out_dir / "ABLATION.notes.md"
     if extra.exists():
@@ -196,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "ablation")
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs")
+    p.add_argument("--docs-only", action="store_true",
+                   help="rewrite docs/ABLATION.md from docs/benchmarks/ablation.json (after editing the notes)")
     p.add_argument("--quick", action="store_true", help="1000 images, 1 epoch, temporary folder, docs untouched")
     args = p.parse_args(argv)
     if args.list:
@@ -208,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         args.work_dir, args.out_dir = tmp / "runs", tmp / "docs"
         args.only = args.only or ["base", "k10"]
         args.base_flags = args.base_flags + ["--width", "0.25", "--fc-dim", "256", "--pca-dim", "32"]
+    if args.docs_only:
+        saved = json.loads((args.out_dir / "benchmarks" / "ablation.json").read_text())
+        for key in ("subset", "epochs", "seed", "jobs", "threads", "eval_subset", "test_subset", "base_flags"):
+            setattr(args, key, saved["settings"][key])
+        write_docs(saved["rows"], args, saved["machine"])
+        print(f"wrote {args.out_dir / 'ABLATION.md'}")
+        return 0
     args.eval_subset = args.eval_subset or args.subset
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     names = args.only or list(VARIANTS)
@@ -228,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     if previous.exists() and not args.quick:  # keep rows measured earlier, replaced by re-measured ones
         done = {r["name"] for r in rows}
         rows += [r for r in json.loads(previous.read_text())["rows"] if r["name"] not in done]
+    invocation = shlex.join([".venv/bin/python", "benchmarks/ablation.py", *(sys.argv[1:] if argv is None else argv)])
+    for r in rows:
+        r.setdefault("invocation", invocation)
     rows.sort(key=lambda r: (r["name"] != "base", r["name"] != "random", list(VARIANTS).index(r["name"])
                              if r["name"] in VARIANTS else 0))
     write_docs(rows, args, info)

@@ -1,6 +1,7 @@
 """Summarise a training run for the docs: per-epoch table of ``metrics.jsonl``.
 
-    python benchmarks/summarize_run.py RUN_DIR docs/TRAINING.md --name fmnist-paper-10ep
+    python benchmarks/summarize_run.py RUN_DIR docs/TRAINING.md --name fmnist-paper-10ep --shared \
+        --command "deepcluster train --output-dir runs/fmnist-paper-10ep --epochs 10 --workers 1 --eval-every 1"
 
 Copies ``metrics.jsonl`` and ``nmi.png`` to ``docs/runs/NAME/`` and writes the table
 (NMI vs labels and vs the previous epoch, cluster sizes, losses, kNN probe, seconds).
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--name", required=True)
+    ap.add_argument("--command", help="the command that ran (default: rebuilt from config.yaml)")
+    ap.add_argument("--shared", action="store_true", help="the machine was shared during the run")
+    ap.add_argument("--machine-note", help="how busy the machine was, in words (replaces the --shared text)")
     args = ap.parse_args()
     records = [json.loads(l) for l in (args.run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     cfg = yaml.safe_load((args.run / "config.yaml").read_text())
@@ -37,35 +41,45 @@ def main() -> None:
     for f in ("metrics.jsonl", "nmi.png", "config.yaml"):
         if (args.run / f).exists():
             shutil.copy(args.run / f, dest / f)
-    rows = ["| epoch | NMI vs labels | NMI vs prev | kNN probe | convnet loss | clustering loss | sizes min / median / max "
-            "| extract s | PCA s | k-means s | train s | img/s |", "|" + "---|" * 12]
+    probe = any(r.get("knn_top1") is not None for r in records)
+    rows = ["| epoch | NMI vs labels | NMI vs prev |" + (" kNN probe |" if probe else "") + " convnet loss | "
+            "clustering loss | sizes min / median / max | extract s | PCA s | k-means s | train s | img/s |",
+            "|" + "---|" * (12 if probe else 11)]
     for r in records:
-        rows.append(f"| {r['epoch']} | {fmt(r.get('nmi_labels'))} | {fmt(r.get('nmi_prev'))} | {fmt(r.get('knn_top1'))} "
-                    f"| {r['convnet_loss']:.3f} | {r['clustering_loss']:.3f} | {r['cluster_size_min']} / "
+        knn = f" {fmt(r.get('knn_top1'))} |" if probe else ""
+        rows.append(f"| {r['epoch']} | {fmt(r.get('nmi_labels'))} | {fmt(r.get('nmi_prev'))} |{knn}"
+                    f" {r['convnet_loss']:.3f} | {r['clustering_loss']:.3f} | {r['cluster_size_min']} / "
                     f"{r['cluster_size_median']:.0f} / {r['cluster_size_max']} | {r['extract_s']:.0f} | {r['pca_s']:.1f} "
                     f"| {r['kmeans_s']:.1f} | {r['train_s']:.0f} | {r['images_per_s']:.0f} |")
     total = sum(r["epoch_s"] for r in records)
     m, c, o = cfg["model"], cfg["cluster"], cfg["optim"]
+    preset = cfg.get("preset") or "paper"
+    which = "the **paper's settings**" if preset == "paper" else f"the **`{preset}` preset**"
+    machine = ("a 2-core CPU that was shared with other jobs during this run (the seconds below are therefore upper "
+               "bounds; an idle machine does an epoch in about 2 minutes, see BENCHMARKS.md)") if args.shared else \
+        "an otherwise idle 2-core CPU"
+    machine = args.machine_note or machine
+    command = args.command or (f"deepcluster train --preset {preset} --output-dir runs/{args.name} --epochs "
+                               f"{len(records)} --workers {cfg['run']['workers']} --eval-every {cfg['run']['eval_every']}")
+    probe_text = ("; the kNN probe (`--eval-every 1`) classifies 2,000 held-out training images by their 20 nearest "
+                  "neighbours among 10,000 others in fc7 space") if probe else ""
     text = f"""# Training: {args.name}
 
-Fashion-MNIST, {records[0].get('num_clusters')} clusters, {len(records)} epochs with the **paper's settings**
-(`--preset {cfg.get('preset')}`): `{m['arch']}` (Sobel {m['sobel']}), PCA {c['pca_dim']} whitened + L2,
-k-means k = {c['k']} ({c['niter']} iterations, faiss), SGD lr {o['lr']} constant, momentum {o['momentum']},
-weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale {tuple(o['crop_scale'])} + flip,
-uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs on a 2-core CPU that was shared with
-other jobs during this run (the seconds below are therefore upper bounds; an idle machine does an epoch in about
-2 minutes, see BENCHMARKS.md).
+Fashion-MNIST, {records[0].get('num_clusters')} clusters, {len(records)} epochs with {which}
+(`--preset {preset}`): `{m['arch']}` (Sobel {m['sobel']}, dropout {m.get('dropout')}), PCA {c['pca_dim']}
+whitened + L2, k-means k = {c['k']} ({c['niter']} iterations, faiss), SGD lr {o['lr']} constant, momentum
+{o['momentum']}, weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale
+{tuple(o['crop_scale'])} + flip, uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs on {machine}.
 
 Files: [metrics.jsonl](runs/{args.name}/metrics.jsonl), [config.yaml](runs/{args.name}/config.yaml),
 ![NMI over epochs](runs/{args.name}/nmi.png)
 
 {chr(10).join(rows)}
 
-NMI vs labels is computed at the run's k (= {c['k']}) against the 10 classes, for analysis only; the kNN probe
-(`--eval-every 1`) classifies 2,000 held-out training images by their 20 nearest neighbours among 10,000 others
-in fc7 space. Machine: {machine_line(machine_info())}.
+NMI vs labels is computed at the run's k (= {c['k']}) against the 10 classes, for analysis only{probe_text}.
+Machine: {machine_line(machine_info())}.
 
-Command: `deepcluster train --output-dir runs/{args.name} --epochs {len(records)} --workers {cfg['run']['workers']} --eval-every {cfg['run']['eval_every']}`
+Command: `{command}`
 """
     args.out.write_text(text)
     print(text)

@@ -87,9 +87,7 @@ def clusters_eval(ctx: EvalContext, split: str = "test", n_init: int = 3, niter:
     """
     t0 = time.perf_counter()
     default = ctx.encoder.clustering_feature
-    feature = feature or default
-    if feature not in ctx.encoder.names:
-        raise ValueError(f"unknown feature {feature!r}; this model has {', '.join(ctx.encoder.names)}")
+    feature = ctx.encoder.feature(feature)
     k = ctx.data.num_classes
     train = np.asarray(ctx.store.get("train", [feature])[feature], dtype=np.float32)
     evald = train if split == "train" else np.asarray(ctx.store.get(split, [feature])[feature], dtype=np.float32)

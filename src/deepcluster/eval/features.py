@@ -85,6 +85,18 @@ class Encoder:
         """``name -> {"dim", "channels", "spatial", "pool"}`` of every feature."""
         raise NotImplementedError
 
+    def feature(self, name: str | None) -> str:
+        """``name`` if this encoder has it, the clustering feature for ``None``.
+
+        Raises:
+            ValueError: an unknown name (the message lists the known ones).
+        """
+        if name is None:
+            return self.clustering_feature
+        if name not in self.names:
+            raise ValueError(f"unknown feature {name!r}; this model has {', '.join(self.names)}")
+        return name
+
     def __call__(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` -> ``name -> (B, dim)`` for each of ``names``."""
         raise NotImplementedError

@@ -100,9 +100,7 @@ def knn_eval(ctx: EvalContext, k: int = K, temperature: float = TEMPERATURE, fea
     """
     t0 = time.perf_counter()
     default = ctx.encoder.clustering_feature
-    feature = feature or default
-    if feature not in ctx.encoder.names:
-        raise ValueError(f"unknown feature {feature!r}; this model has {', '.join(ctx.encoder.names)}")
+    feature = ctx.encoder.feature(feature)
     train = ctx.store.get("train", [feature])[feature]
     test = ctx.store.get("test", [feature])[feature]
     plain, weighted = knn_classify(train, ctx.data.train_labels, test, k, ctx.data.num_classes, temperature)

@@ -43,5 +43,5 @@ def create_model(name: str, sobel: bool = True, num_clusters: int = 100, **kwarg
     return _REGISTRY[name](num_clusters=num_clusters, sobel=sobel, **kwargs)
 
 
-__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "Sobel", "create_model", "list_models", "register_model",
-           "alexnet", "alexnet_small", "vgg16"]
+__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "Sobel", "create_model", "list_models",
+           "register_model", "alexnet", "alexnet_small", "vgg16"]

@@ -42,3 +42,18 @@ def tiny_mnist_root(tmp_path_factory):
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", imgs)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def train_tiny(root, out, **sections):
+    """A tiny DeepCluster run into ``out`` (returned): the fixture data at ``root``, k = 10,
+    PCA 32, 2 epochs of batch 64, no loader workers. ``sections`` update the settings
+    key by key, e.g. ``run={"seed": 3}``."""
+    from deepcluster.config import resolve
+    from deepcluster.train import train
+
+    overrides = {"data": {"root": str(root), "download": False}, "cluster": {"k": 10, "pca_dim": 32},
+                 "optim": {"epochs": 2, "batch_size": 64}, "run": {"output_dir": str(out), "workers": 0}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    train(resolve(overrides=overrides))
+    return out

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_tiny
 from deepcluster.clustering import PCAWhitening, kmeans
-from deepcluster.config import resolve
 from deepcluster.models import CentroidClassifier, CentroidHead, create_model
-from deepcluster.train import train
 
 
 def test_logits_are_cosines_to_the_centroids_in_the_clustering_space():
@@ -52,13 +51,8 @@ def test_classifier_shares_the_networks_layers_and_trains_them():
 
 def test_training_with_centroid_head_runs_and_is_deterministic(tiny_mnist_root, tmp_path):
     def run(name):
-        out = tmp_path / name
-        train(resolve(overrides={
-            "data": {"root": str(tiny_mnist_root), "download": False},
-            "model": {"width": 0.125, "fc_dim": 64},
-            "cluster": {"k": 10, "pca_dim": 16},
-            "optim": {"epochs": 2, "batch_size": 64, "head": "centroids"},
-            "run": {"output_dir": str(out), "workers": 0, "deterministic": True, "seed": 1}}))
+        out = train_tiny(tiny_mnist_root, tmp_path / name, model={"width": 0.125, "fc_dim": 64},
+                         cluster={"pca_dim": 16}, optim={"head": "centroids"}, run={"deterministic": True, "seed": 1})
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     a, b = run("a"), run("b")

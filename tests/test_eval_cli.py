@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import train_tiny
 from deepcluster.checkpoint import load_model
 from deepcluster.cli import main
 from deepcluster.config import resolve
@@ -15,14 +16,7 @@ from deepcluster.train import train
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "run"
-    train(resolve(overrides={
-        "data": {"root": str(tiny_mnist_root), "download": False},
-        "cluster": {"k": 10, "pca_dim": 32},
-        "optim": {"epochs": 2, "batch_size": 64},
-        "run": {"output_dir": str(out), "workers": 0, "eval_every": 2},
-    }))
-    return out
+    return train_tiny(tiny_mnist_root, tmp_path_factory.mktemp("eval") / "run", run={"eval_every": 2})
 
 
 def run_eval(*args):

@@ -11,23 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_tiny
 from deepcluster.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepcluster.cli import main
 from deepcluster.clustering import PCAWhitening, kmeans
-from deepcluster.config import resolve
 from deepcluster.data import DataError, build_source
 from deepcluster.export import ClusterAssigner, assign_images, export_run, write_table
 from deepcluster.models import create_model
-from deepcluster.train import train
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "run"
-    train(resolve(overrides={"data": {"root": str(tiny_mnist_root), "download": False},
-                             "cluster": {"k": 10, "pca_dim": 32}, "optim": {"epochs": 2, "batch_size": 64},
-                             "run": {"output_dir": str(out), "workers": 0, "seed": 5}}))
-    return out
+    return train_tiny(tiny_mnist_root, tmp_path_factory.mktemp("export") / "run", run={"seed": 5})
 
 
 @pytest.fixture(scope="module")

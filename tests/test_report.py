@@ -9,21 +9,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import train_tiny
 from deepcluster.cli import main
-from deepcluster.config import resolve
 from deepcluster.report import ReportOptions, build_report, dump_dom, find_chromium, render_screenshot
-from deepcluster.train import train
 
 FAST = ReportOptions(synth_steps=20, num_filters=4, queries=3, neighbors=3, per_cluster=16)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    train(resolve(overrides={"data": {"root": str(tiny_mnist_root), "download": False},
-                             "cluster": {"k": 10, "pca_dim": 32}, "optim": {"epochs": 2, "batch_size": 64},
-                             "run": {"output_dir": str(out), "workers": 0}}))
-    return out
+    return train_tiny(tiny_mnist_root, tmp_path_factory.mktemp("report") / "run")
 
 
 @pytest.fixture(scope="module")

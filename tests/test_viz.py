@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from conftest import train_tiny
 from deepcluster.cli import main
 from deepcluster.config import resolve
 from deepcluster.data import Subset, build_source, image_spec, training_source
@@ -24,11 +25,7 @@ from deepcluster.viz.synthesis import gaussian_blur, layer_mean_activations, noi
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("viz") / "run"
-    train(resolve(overrides={"data": {"root": str(tiny_mnist_root), "download": False},
-                             "cluster": {"k": 10, "pca_dim": 32}, "optim": {"epochs": 2, "batch_size": 64},
-                             "run": {"output_dir": str(out), "workers": 0, "seed": 3}}))
-    return out
+    return train_tiny(tiny_mnist_root, tmp_path_factory.mktemp("viz") / "run", run={"seed": 3})
 
 
 def _records(n=4):

@@ -194,32 +194,92 @@ def format_duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def run_protocols(ctx, s: dict[str, Any], net: bool,
-                  finetune_modes: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Every protocol of ``s`` on ``ctx``; returns the merged metrics and facts for the table."""
+def previous_result(ctx, name: str, expect: dict[str, Any], fresh: bool) -> dict[str, Any] | None:
+    """``RUN/eval/<name>.json`` from an earlier benchmark, if it measured exactly this.
+
+    It must name the same checkpoint (path and epoch), the same images (``data`` facts:
+    subsets, splits, seed) and the same protocol settings (``expect``), and be newer than
+    the checkpoint file; otherwise the protocol runs again.
+    """
+    path = ctx.results_dir / f"{name}.json"
+    if fresh or not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if ctx.checkpoint is not None:
+        from deepcluster.eval.context import checkpoint_file
+
+        ckpt = checkpoint_file(ctx.checkpoint)
+        if not ckpt.exists() or path.stat().st_mtime < ckpt.stat().st_mtime:
+            return None
+    header = ctx.header(old.get("protocol", ""))
+    same = (old.get("checkpoint") == header["checkpoint"] and old.get("epoch") == header["epoch"]
+            and old.get("data") == json.loads(json.dumps(header["data"]))
+            and all(old.get(k) == v for k, v in expect.items()) and isinstance(old.get("metrics"), dict))
+    if same:
+        logger.info("reusing %s (same checkpoint, images and settings; --fresh to measure again)", path)
+        return old
+    return None
+
+
+def run_protocols(ctx, s: dict[str, Any], net: bool, finetune_modes: list[str],
+                  fresh: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+    """Every protocol of ``s`` on ``ctx``; returns the merged metrics and facts for the table.
+
+    A protocol whose result file already holds this exact measurement is read back, not
+    run again (``fresh=True`` measures everything); ``info["eval_s"]`` sums the seconds of
+    every protocol, measured now or then.
+    """
     metrics: dict[str, float] = {}
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"eval_s": 0.0, "reused": []}
     p = s["protocols"]
-    names = list(ctx.encoder.layers) if "linear" in p else []  # every feature in one pass over the images
-    names += ["backbone"] if "mlp" in p and net else []
-    names += [ctx.encoder.clustering_feature] if {"knn", "clusters"} & set(p) else []
-    for split in ("train", "test"):
-        ctx.store.get(split, names)
+    grid = lambda g: {"lrs": list(g.lrs), "weight_decays": list(g.weight_decays),  # noqa: E731
+                      "epochs": g.epochs, "batch_size": g.batch_size}
+    feature = ctx.encoder.clustering_feature
+    jobs: list[tuple[str, dict[str, Any], Any]] = []  # (result file, settings it must match, how to measure)
     if "linear" in p:
-        metrics.update(linear_eval(ctx, grid=s["linear"])["metrics"])
+        jobs.append(("linear", {"grid": grid(s["linear"])}, lambda: linear_eval(ctx, grid=s["linear"])))
     if "mlp" in p and net:
-        metrics.update(mlp_eval(ctx, grid=s["mlp"])["metrics"])
+        jobs.append(("mlp", {"grid": grid(s["mlp"])}, lambda: mlp_eval(ctx, grid=s["mlp"])))
     if "knn" in p:
-        metrics.update(knn_eval(ctx)["metrics"])
+        jobs.append(("knn", {"feature": feature}, lambda: knn_eval(ctx)))
     if "clusters" in p:
-        r = clusters_eval(ctx)
-        metrics.update(r["metrics"])
-        info["kmeans_prep"] = r["best"]
+        jobs.append(("clusters", {"feature": feature}, lambda: clusters_eval(ctx)))
     if "finetune" in p:
         for f in s["fractions"]:
             for mode in finetune_modes:
-                r = finetune_eval(ctx, f, mode, steps=s["finetune_steps"])
-                metrics.update(r["metrics"])
+                jobs.append((f"finetune_{mode}_{fraction_tag(f)}", {"label_fraction": f, "mode": mode},
+                             lambda f=f, mode=mode: finetune_eval(ctx, f, mode, steps=s["finetune_steps"])))
+    done: dict[str, dict[str, Any]] = {}
+    for name, expect, _ in jobs:
+        old = previous_result(ctx, name, expect, fresh)
+        if old is not None and name.startswith("finetune") and old.get("settings", {}).get("steps") != s["finetune_steps"]:
+            old = None
+        if old is not None:
+            done[name] = old
+            info["reused"].append(name)
+    names: list[str] = []  # every feature still needed, in one pass over the images
+    names += list(ctx.encoder.layers) if "linear" in p and "linear" not in done else []
+    names += ["backbone"] if "mlp" in p and net and "mlp" not in done else []
+    names += [feature] if {"knn", "clusters"} & set(p) and not {"knn", "clusters"} <= set(done) else []
+    t0 = time.perf_counter()
+    if names:
+        for split in ("train", "test"):
+            ctx.store.get(split, names)
+    info["eval_s"] += time.perf_counter() - t0
+    for name, _, measure in jobs:
+        r = done.get(name)
+        if r is None:
+            t0 = time.perf_counter()
+            r = measure()
+            info["eval_s"] += time.perf_counter() - t0
+        else:
+            info["eval_s"] += float(r.get("seconds", 0.0))
+        metrics.update(r["metrics"])
+        if name == "clusters":
+            info["kmeans_prep"] = r["best"]
     return metrics, info
 
 
@@ -259,7 +319,7 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
                train_s: float | None, machine: Any, ctx=None) -> None:
         metrics, info = measured
         metrics = dict(metrics)
-        metrics["eval_time_s"] = time.perf_counter() - t0
+        metrics["eval_time_s"] = info.pop("eval_s", time.perf_counter() - t0)
         if train_s is not None:
             metrics["train_time_s"] = train_s
         results[key] = metrics
@@ -272,13 +332,16 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
     t0 = time.perf_counter()
     ctx = open_pixels(name, work / f"pixels-{name}", data_root=data_cfg.get("root"),
                       image_size=ref_state["meta"]["image_size"], **common)
-    finish("raw_pixels", "raw pixels", run_protocols(ctx, s, net=False, finetune_modes=[]), t0, 0.0, "-", ctx)
+    finish("raw_pixels", "raw pixels", run_protocols(ctx, s, net=False, finetune_modes=[], fresh=args.fresh), t0, 0.0, "-", ctx)
 
     # Random init: the reference run's architecture with its initial weights.
     t0 = time.perf_counter()
-    rand = make_random_init(ref, work / f"random-{name}")
+    rand = work / f"random-{name}" / "checkpoint.pt"
+    if (args.retrain_baselines or not rand.exists()
+            or load_checkpoint(rand).get("source_checkpoint") != str(ref)):  # deterministic: keep the file
+        rand = make_random_init(ref, rand)
     ctx = open_checkpoint(rand, device=args.device, **common)
-    finish("random_init", "random init", run_protocols(ctx, s, net=True, finetune_modes=["all"]), t0, 0.0, "-", ctx)
+    finish("random_init", "random init", run_protocols(ctx, s, net=True, finetune_modes=["all"], fresh=args.fresh), t0, 0.0, "-", ctx)
     for f in s["fractions"]:  # fine-tuning a random network is training from scratch
         results["random_init"][f"scratch_{fraction_tag(f)}"] = results["random_init"].get(metric_name("all", f))
 
@@ -287,7 +350,7 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
         t0 = time.perf_counter()
         key = "deepcluster" if len(runs) == 1 else f"deepcluster:{run.name}"
         ctx = open_checkpoint(run, device=args.device, **common)
-        measured = run_protocols(ctx, s, net=True, finetune_modes=["all", "fc"])
+        measured = run_protocols(ctx, s, net=True, finetune_modes=["all", "fc"], fresh=args.fresh)
         train_s, epochs = deepcluster_train_time(run)
         machine = machine_info() if run.name == QUICK_RUN else \
             "as recorded in its metrics.jsonl (the run does not record its machine)"
@@ -313,7 +376,8 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
     ctx = open_checkpoint(sup_path, device=args.device, **common)
     modes: list[str] = []  # fine-tuning a network trained on all labels says nothing
     s_sup = {**s, "protocols": [p for p in s["protocols"] if p != "finetune"]}
-    finish("supervised", f"supervised ({epochs} epochs)", run_protocols(ctx, s_sup, net=True, finetune_modes=modes),
+    finish("supervised", f"supervised ({epochs} epochs)", run_protocols(ctx, s_sup, net=True, finetune_modes=modes,
+                                                                  fresh=args.fresh),
            t0, float(st.get("train_seconds", 0.0)), st.get("machine", "-"), ctx)
     return results, rows
 
@@ -392,6 +456,12 @@ def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: di
                       "training-time assignments at its k):", ""] + extra + [""]
         parts += ["Where each row was trained: " + "; ".join(
             f"{all_rows[name][k]['label']}: {fmt_machine(all_rows[name][k]['train_machine'])}" for k in results), ""]
+        reused = [f"{all_rows[name][k]['label']}: {', '.join(all_rows[name][k]['reused'])}"
+                  for k in results if all_rows[name][k].get("reused")]
+        if reused:
+            parts += ["Read back from an earlier invocation of this benchmark (the same checkpoint, images and "
+                      "settings; their measured seconds count in the eval times; `--fresh` measures all again): "
+                      + "; ".join(reused) + ".", ""]
         if name in ANCHORS:
             parts += ["Published anchors (other protocols and architectures; NMI/ACC of clusterings on all 70k "
                       "images; not directly comparable):", "", "| method | NMI | ACC | test top-1 | source |",
@@ -430,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervised-epochs", type=int, help="default: the reference run's epochs")
     p.add_argument("--skip", type=lambda t: t.split(","), default=[], help="protocols to skip, e.g. mlp,finetune")
     p.add_argument("--retrain-baselines", action="store_true", help="do not reuse baseline checkpoints in --work-dir")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every protocol again (default: read back RUN/eval/<protocol>.json files that "
+                        "hold exactly this measurement: same checkpoint, images and settings)")
     p.add_argument("--keep-cache", action="store_true", help="keep cached features (GBs at full size)")
     p.add_argument("--estimate-only", action="store_true", help="print the estimated duration and stop")
     p.add_argument("--threads", type=int,

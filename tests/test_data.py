@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from deepcluster.data import (DataError, FolderSource, IndexedDataset, build_source, cluster_transform,
-                              image_spec, train_transform)
+                              folder_image_size, image_spec, train_transform)
 
 
 def test_fashion_mnist_from_a_data_root_of_gz_files(tiny_mnist_root):
@@ -65,6 +65,20 @@ def test_flat_folder_any_mode_and_bad_files_skipped(tmp_path):
     for i in range(len(ds)):
         x, idx = ds[i]
         assert x.shape == (3, 16, 16) and idx == i and torch.isfinite(x).all()
+
+
+def test_folder_image_size_is_the_median_shorter_side_within_28_224(tmp_path):
+    def folder(name, sizes):
+        d = tmp_path / name
+        d.mkdir()
+        for i, (w, h) in enumerate(sizes):
+            Image.new("RGB", (w, h), (i * 20, 0, 0)).save(d / f"{i}.png")
+        return FolderSource(str(d))
+
+    assert folder_image_size(folder("mixed", [(40, 30)] * 5 + [(600, 500)] * 3)) == 30
+    assert folder_image_size(folder("odd", [(50, 64), (64, 48), (70, 90)])) == 50  # median of 50, 48, 70
+    assert folder_image_size(folder("tiny", [(10, 12)] * 4)) == 28
+    assert folder_image_size(folder("large", [(640, 480)] * 4)) == 224
 
 
 def test_empty_or_mostly_broken_folder_is_an_error(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import train_tiny
-from deepcluster.checkpoint import load_model
+from deepcluster.checkpoint import load_checkpoint, load_model
 from deepcluster.cli import main
 from deepcluster.config import resolve
 from deepcluster.train import train
@@ -100,9 +100,10 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path, capsys):
     _one_line_error(capsys, run_eval("knn"), "needs --checkpoint RUN_DIR_OR_FILE or --pixels")
     # A checkpoint trained on unlabelled images: the supervised protocols name the fix.
     unl = tmp_path / "unlabelled-run"
-    train(resolve(overrides={"data": {"name": "folder", "root": str(flat), "image_size": 28},
+    train(resolve(overrides={"data": {"name": "folder", "root": str(flat)},  # size from the images: 28
                              "cluster": {"k": 2, "pca_dim": 4}, "optim": {"epochs": 1, "batch_size": 8},
                              "run": {"output_dir": str(unl), "workers": 0}}))
+    assert load_checkpoint(unl / "checkpoint.pt")["meta"]["image_size"] == 28
     _one_line_error(capsys, run_eval("knn", "--checkpoint", str(unl)),
                     "knn needs labels but data set 'folder' at")
     _one_line_error(capsys, main(["eval", "baseline", "supervised", "--checkpoint", str(unl), "--output",

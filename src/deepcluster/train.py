@@ -33,8 +33,8 @@ from .checkpoint import atomic_write, check_compatible, load_checkpoint, rng_sta
 from .clustering import (PCAWhitening, StreamingPCA, faiss_has_gpu, kmeans, resolve_pca_sample, run_pic,
                          sample_indices)
 from .config import Config, save_yaml
-from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, cluster_transform, image_spec,
-                   inverse_size_weights, train_transform, training_source)
+from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, cluster_transform,
+                   folder_image_size, image_spec, inverse_size_weights, train_transform, training_source)
 from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, collective_errors, gather_by_index,
                           init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
 from .diagnostics import collapse_warning, recent_nmi_prev
@@ -525,7 +525,12 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     n = len(source)
     if cfg.cluster.method == "kmeans" and cfg.cluster.k > n:
         raise DataError(f"--k {cfg.cluster.k} is larger than the number of images ({n}); lower --k")
-    spec = image_spec(cfg.data.name, cfg.data.image_size)
+    image_size = cfg.data.image_size
+    if image_size is None and cfg.data.name == "folder":
+        image_size = folder_image_size(source)
+        logger.info("image size %d px: the median shorter side of the folder's images, within [28, 224] "
+                    "(--image-size to choose)", image_size)
+    spec = image_spec(cfg.data.name, image_size)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
     train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip,
                                                           affine=cfg.optim.affine, erasing=cfg.optim.erasing))
@@ -570,8 +575,10 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
         if world_size() > 1:
             logger.info("torch.distributed: %d processes (%s); global batch %d", world_size(),
                         "nccl" if device.type == "cuda" else "gloo", cfg.optim.batch_size)
-        logger.info("DeepCluster %s: %s on %d images (%s, k=%d), epochs %d..%d, device %s",
-                    __version__, cfg.model.arch, n, cfg.data.name, cfg.cluster.k, start_epoch, cfg.optim.epochs - 1, device)
+        clustering = (f"k-means k={cfg.cluster.k}" if cfg.cluster.method == "kmeans" else
+                      f"PIC sigma={cfg.cluster.pic_sigma:g}, {cfg.cluster.pic_neighbors} neighbours")
+        logger.info("DeepCluster %s: %s at %d px on %d images (%s, %s), epochs %d..%d, device %s", __version__,
+                    cfg.model.arch, spec.size, n, cfg.data.name, clustering, start_epoch, cfg.optim.epochs - 1, device)
         last: dict[str, Any] = records[-1] if records else {}
         with _graceful_stop(run) as stop:
             for epoch in range(start_epoch, cfg.optim.epochs):

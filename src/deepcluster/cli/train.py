@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data", help="fashion-mnist (default), mnist, cifar10, stl10 or folder")
     g.add_argument("--data-root", help="folder of the data set's files (required for folder/cifar10/stl10)")
     g.add_argument("--split", help="split to train on (stl10: train, unlabeled, train+unlabeled)")
-    g.add_argument("--image-size", type=int, help="network input side (default per data set: 28 for Fashion-MNIST)")
+    g.add_argument("--image-size", type=int, help="network input side (default per data set: 28 for Fashion-MNIST; for a "
+                   "folder the median shorter side of its images, within 28..224)")
     g.add_argument("--subset", type=int, help="use a fixed random subset of this many images (quick runs)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", help="alexnet_small (default, 28-64 px), alexnet (224 px) or vgg16")

@@ -29,7 +29,8 @@ def image_spec(name: str, image_size: int | None = None) -> ImageSpec:
     """Sizes and normalisation for data set ``name``; ``image_size`` overrides the size.
 
     Folders default to 224 px (resize 256, crop 224) with ImageNet statistics; for
-    small images pass ``image_size`` (e.g. 64 with ``alexnet_small``).
+    small images pass ``image_size`` (``deepcluster train`` picks it for a folder with
+    :func:`folder_image_size` when none is given).
     """
     if name in _SPECS:
         spec = _SPECS[name]
@@ -38,6 +39,23 @@ def image_spec(name: str, image_size: int | None = None) -> ImageSpec:
         return spec
     size = image_size or 224
     return ImageSpec(size, size if size < 128 else round(size * 256 / 224))
+
+
+def folder_image_size(source: ImageSource, sample: int = 256) -> int:
+    """The input size for a folder trained without ``--image-size``: the median shorter
+    side of up to ``sample`` evenly spaced images (headers only, nothing decoded), kept
+    within [28, 224]. Small images (thumbnails, Fashion-MNIST-like 28 px) are then trained
+    at their own size instead of being blown up to 224 px, which costs ~64x the compute."""
+    from PIL import Image
+
+    paths = getattr(source, "paths", None)
+    if not paths:
+        return 224
+    sides = []
+    for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int)):
+        with Image.open(paths[int(i)]) as img:
+            sides.append(min(img.size))
+    return int(min(224, max(28, round(float(np.median(sides))))))
 
 
 def build_source(name: str, root: str | None = None, split: str = "train", download: bool = True,
@@ -135,6 +153,6 @@ class Subset(ImageSource):
 __all__ = [
     "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
     "IndexedDataset", "LabelledDataset", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
-    "balanced_plan", "build_source", "cluster_transform", "image_spec", "inverse_size_weights",
+    "balanced_plan", "build_source", "cluster_transform", "folder_image_size", "image_spec", "inverse_size_weights",
     "train_transform", "training_source",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import DataError, ImageSource, ImageSpec, Subset, build_source, image_spec
+from ..data import DataError, ImageSource, ImageSpec, Subset, build_source, folder_image_size, image_spec
 
 FOLDER_TEST_FRACTION = 0.2
 """Part of a ``folder`` data set held out as its test split when no ``test_root`` is given."""
@@ -185,6 +185,8 @@ def load_eval_data(name: str, root: str | None, image_size: int | None, *, proto
     if name == "folder":
         full = build_source(name, root, "train", download)
         labels = require_labels(full, protocol, where)
+        if image_size is None:  # raw pixels without --image-size: the size training would pick
+            spec = image_spec(name, folder_image_size(full))
         if test_root:
             train_src: ImageSource = full
             test_src: ImageSource = build_source(name, test_root, "test", download)

@@ -352,8 +352,8 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
         ctx = open_checkpoint(run, device=args.device, **common)
         measured = run_protocols(ctx, s, net=True, finetune_modes=["all", "fc"], fresh=args.fresh)
         train_s, epochs = deepcluster_train_time(run)
-        machine = machine_info() if run.name == QUICK_RUN else \
-            "as recorded in its metrics.jsonl (the run does not record its machine)"
+        machine = (load_checkpoint(run).get("meta", {}).get("machine")
+                   or "not recorded (a run from before deepcluster recorded its machine)")
         finish(key, f"DeepCluster ({run.name}, {epochs} epochs)", measured, t0, train_s, machine, ctx)
 
     # Supervised top-line.

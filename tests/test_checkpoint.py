@@ -36,6 +36,37 @@ def test_failed_write_keeps_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
 
 
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "c.pt")
+        atomic_write(tmp_path / "t.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "t.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_figures_are_written_atomically(tmp_path):
+    from deepcluster.viz import plot_nmi, save_figure
+
+    path = tmp_path / "nmi.png"
+    save_figure(plot_nmi([{"epoch": 1, "nmi_labels": 0.5}]), path)
+    good = path.read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    fig = plot_nmi([{"epoch": 1, "nmi_labels": 0.6}])
+
+    def broken(f, format):  # rendering fails half-way
+        f.write(b"\x89PNG partial")
+        raise RuntimeError("renderer failed")
+
+    fig.savefig = broken
+    with pytest.raises(RuntimeError):
+        save_figure(fig, path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["nmi.png"]
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch /tmp/deepcluster-pwned",))

@@ -43,6 +43,7 @@ def test_end_to_end_two_epochs_writes_the_run_directory(tiny_mnist_root, tmp_pat
     assert hist.shape == (2, 240) and hist.dtype == np.int32 and hist.max() < 10
     state = load_checkpoint(out)
     assert state["epoch"] == 2 and state["meta"]["k"] == 10
+    assert state["meta"]["machine"]["cores"] >= 1 and state["meta"]["machine"]["torch"] == torch.__version__
     assert state["centroids"].shape == (10, 32) and state["pca"]["projection"].shape[1] == 32
     np.testing.assert_array_equal(state["assignments"].numpy(), hist)
     assert last["epoch"] == 1

@@ -53,6 +53,12 @@ def _no_room_errno(e: BaseException) -> int | None:
     return None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(file_object)`` on a temp file, fsync, then rename onto ``path``.
 
@@ -70,6 +76,7 @@ def atomic_write(path: str | Path, write_fn) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private to one user
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:

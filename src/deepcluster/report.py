@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .viz import curves
 from .viz.activations import check_layer, forward_pass, pick_filters, plot_top_images, top_activating
 from .viz.clusters import cluster_members, cluster_title, contact_sheet, pick_clusters, plot_contact_sheet
@@ -165,7 +166,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options
     config = run.state.get("config") if run is not None else _read_config_yaml(run_dir)
     page = render_html(run_dir, records, config, sections, opt, time.perf_counter() - timer.t0, timer.parts)
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic_write(index, lambda f: f.write(page.encode("utf-8")))
     logger.info("report written to %s (%.1fs)", index, time.perf_counter() - timer.t0)
     return index
 

@@ -38,6 +38,7 @@ from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDatase
 from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, collective_errors, gather_by_index,
                           init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
 from .diagnostics import collapse_warning, recent_nmi_prev
+from .machine import machine_info
 from .metrics import nmi
 from .models import CentroidClassifier, CentroidHead, DeepClusterNet, create_model
 from .tensorboard import TensorBoardWriter
@@ -441,7 +442,8 @@ def _record_skipped(run: RunDir, source: ImageSource) -> None:
 def _meta(cfg: Config, num_images: int, image_size: int) -> dict[str, Any]:
     return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "k": cfg.cluster.k, "method": cfg.cluster.method,
             "num_images": num_images, "image_size": image_size, "fc_dim": cfg.model.fc_dim,
-            "width": cfg.model.width, "data": cfg.data.name}
+            "width": cfg.model.width, "data": cfg.data.name,
+            "machine": machine_info()}  # of the latest (re)start; RESUME_KEYS do not include it
 
 
 def build_optimizer(model: DeepClusterNet, cfg: Config) -> torch.optim.Optimizer:

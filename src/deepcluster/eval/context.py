@@ -9,11 +9,8 @@ or to ``<stem>_eval/`` next to a ``.pt`` file with another name; cached features
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, atomic_write, load_model
+from ..machine import machine_info
 from ..models import DeepClusterNet
 from .features import Encoder, FeatureStore, NetEncoder, PixelEncoder, is_greyscale
 from .splits import EvalData, load_eval_data
@@ -41,30 +39,6 @@ def results_dir_for(checkpoint: str | Path) -> Path:
 def checkpoint_file(checkpoint: str | Path) -> Path:
     p = Path(checkpoint)
     return p / "checkpoint.pt" if p.is_dir() else p
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, accelerator, torch version and the date: recorded with every result."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": str(torch.__version__),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -42,8 +43,14 @@ def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
 
 
 def save_figure(fig: Figure, path) -> None:
-    fig.savefig(path)
-    plt.close(fig)
+    """Write ``fig`` atomically (a reader, or a crash, never sees half a file) and close it."""
+    from ..checkpoint import atomic_write
+
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt))
+    finally:
+        plt.close(fig)
 
 
 def _epochs_and(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

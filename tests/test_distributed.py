@@ -166,6 +166,12 @@ def test_without_a_process_group_we_are_rank_0_of_1(monkeypatch):
     D.barrier()
     got = D.gather_by_index(np.array([2, 0, 1]), torch.tensor([[2.0], [0.0], [1.0]]), 3)
     assert got.flatten().tolist() == [0.0, 1.0, 2.0]
+    # Without a process group no collective can fail: an error inside is shown as it is,
+    # not blamed on "another rank".
+    with pytest.raises(RuntimeError, match="out of memory") as err:
+        with D.collective_errors("the gradient all-reduce"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    assert not isinstance(err.value, D.DistributedError)
 
 
 @pytest.mark.parametrize("n,world", [(203, 2), (10, 3), (2, 4), (0, 2)])

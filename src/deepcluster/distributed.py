@@ -147,6 +147,8 @@ def collective_errors(op: str) -> Iterator[None]:
     except DistributedError:
         raise
     except RuntimeError as e:  # DistBackendError, gloo timeouts, closed connections
+        if not is_distributed():  # no collective ran: an out-of-memory or shape error is itself
+            raise
         raise DistributedError(
             f"rank {rank()} of {world_size()}: {op} failed ({_first_line(e)}); another rank has probably "
             "failed or stopped: see its log (train.rank<N>.log in the run directory) and the launcher's output"

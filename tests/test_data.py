@@ -81,6 +81,49 @@ def test_folder_image_size_is_the_median_shorter_side_within_28_224(tmp_path):
     assert folder_image_size(folder("large", [(640, 480)] * 4)) == 224
 
 
+def test_a_rescan_decodes_only_files_changed_since_the_last_scan(tmp_path, monkeypatch):
+    import os
+
+    from deepcluster.data import sources
+
+    monkeypatch.setenv("DEEPCLUSTER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        _save(folder / f"{i}.png", "RGB")
+    (folder / "bad.png").write_bytes(b"junk")
+    decoded = []
+    real = sources._check_image
+    monkeypatch.setattr(sources, "_check_image", lambda p: decoded.append(os.path.basename(p)) or real(p))
+
+    first = FolderSource(str(folder))
+    assert sorted(decoded) == sorted([f"{i}.png" for i in range(6)] + ["bad.png"]) and len(first) == 6
+    decoded.clear()
+    second = FolderSource(str(folder))
+    assert decoded == [] and second.paths == first.paths and second.skipped == first.skipped
+
+    # A file rewritten since (here: truncated) is decoded again and now skipped; a new
+    # one is decoded; a deleted one is gone.
+    good = (folder / "2.png").read_bytes()
+    (folder / "2.png").write_bytes(good[: len(good) // 2])
+    _save(folder / "new.png", "RGB")
+    (folder / "5.png").unlink()
+    decoded.clear()
+    third = FolderSource(str(folder))
+    assert sorted(decoded) == ["2.png", "new.png"]
+    assert sorted(os.path.basename(p) for p, _ in third.skipped) == ["2.png", "bad.png"]
+    assert sorted(os.path.basename(p) for p in third.paths) == ["0.png", "1.png", "3.png", "4.png", "new.png"]
+
+
+def test_an_unwritable_scan_cache_only_costs_the_rescan(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DEEPCLUSTER_CACHE", str(blocker / "cache"))
+    for i in range(3):
+        _save(tmp_path / f"{i}.png", "RGB")
+    assert len(FolderSource(str(tmp_path))) == 3 and len(FolderSource(str(tmp_path))) == 3
+
+
 def test_empty_or_mostly_broken_folder_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no images"):
         FolderSource(str(tmp_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -222,6 +223,64 @@ def _check_image(path: str) -> str | None:
     return None
 
 
+class _ScanMemo:
+    """What the last scan of a folder found, per file: readable, or why not.
+
+    Kept in ``$DEEPCLUSTER_CACHE/folder-scans/`` (one JSON file per folder, written
+    atomically) and trusted for a file only while its size and modification time are
+    unchanged, so a resumed run, an evaluation or a report over the same folder does not
+    decode every image again. Best effort: an unwritable cache only costs the rescan.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.base = str(root)  # file paths are under the folder as given; the memo is per real folder
+        self.root = str(root.resolve())
+        self.path = _cache_dir() / "folder-scans" / (hashlib.sha1(self.root.encode()).hexdigest()[:16] + ".json")
+        self.entries: dict[str, list] = {}
+        self.stats: dict[str, tuple[int, int] | None] = {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("root") == self.root:
+                self.entries = data.get("entries", {})
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _stat(self, path: str) -> tuple[int, int] | None:
+        if path not in self.stats:
+            try:
+                st = os.stat(path)
+                self.stats[path] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                self.stats[path] = None
+        return self.stats[path]
+
+    def get(self, path: str) -> str | None | bool:
+        """The reason ``path`` is unusable, ``None`` if usable, ``False`` if not known."""
+        e = self.entries.get(os.path.relpath(path, self.base))
+        st = self._stat(path)
+        if e is None or st is None or (e[0], e[1]) != st:
+            return False
+        return e[2]
+
+    def update(self, results) -> None:
+        for path, reason in results:
+            st = self._stat(path)
+            if st is not None:
+                self.entries[os.path.relpath(path, self.base)] = [st[0], st[1], reason]
+
+    def save(self, paths: Sequence[str]) -> None:
+        """Write the entries of ``paths`` (the folder's files now; deleted ones are dropped)."""
+        from ..checkpoint import atomic_write
+
+        keep = {rel: self.entries[rel] for rel in (os.path.relpath(p, self.base) for p in paths) if rel in self.entries}
+        text = json.dumps({"root": self.root, "entries": keep})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda f: f.write(text.encode()))
+        except OSError as e:
+            logger.debug("could not keep the folder scan in %s: %s", self.path, e)
+
+
 def _scan_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
@@ -232,7 +291,9 @@ class FolderSource(ImageSource):
 
     Files are chosen by extension (``IMAGE_EXTENSIONS``, any case; other files are
     ignored and counted in ``ignored``); the content decides the decoder, so a PNG named
-    ``.jpg`` is read. Every image is decoded once when the source is built (in threads);
+    ``.jpg`` is read. Every image is decoded once when the source is built (in threads;
+    files unchanged since the last scan of the folder are not decoded again, see
+    :class:`_ScanMemo`);
     files that fail (truncated, empty, not an image, decompression bombs) are skipped,
     counted and listed in ``skipped`` as ``(path, reason)``; the training loop writes
     them to ``skipped_images.txt`` in the run directory. More than ``max_bad_fraction``
@@ -280,9 +341,16 @@ class FolderSource(ImageSource):
             good = []
             # Over-size images are refused explicitly in _check_image; the filter (global to
             # the process, so set once here, not per thread) only keeps PIL's warning quiet.
+            memo = _ScanMemo(rootp)
+            todo = [p for p, _ in files if memo.get(p) is False]
             with warnings.catch_warnings(), ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                reasons = list(pool.map(_check_image, [p for p, _ in files]))
+                memo.update(zip(todo, pool.map(_check_image, todo)))
+            reasons = [memo.get(p) for p, _ in files]
+            if len(todo) < len(files):
+                logger.info("scan of %s: %d of %d images unchanged since the last scan, not decoded again (%s)",
+                            root, len(files) - len(todo), len(files), memo.path)
+            memo.save([p for p, _ in files])
             for (path, label), reason in zip(files, reasons):
                 if reason is None:
                     good.append((path, label))

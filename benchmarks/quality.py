@@ -352,7 +352,7 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
         ctx = open_checkpoint(run, device=args.device, **common)
         measured = run_protocols(ctx, s, net=True, finetune_modes=["all", "fc"], fresh=args.fresh)
         train_s, epochs = deepcluster_train_time(run)
-        machine = (load_checkpoint(run).get("meta", {}).get("machine")
+        machine = (load_checkpoint(run).get("meta", {}).get("machine") or args.machine_note
                    or "not recorded (a run from before deepcluster recorded its machine)")
         finish(key, f"DeepCluster ({run.name}, {epochs} epochs)", measured, t0, train_s, machine, ctx)
 
@@ -503,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true",
                    help="measure every protocol again (default: read back RUN/eval/<protocol>.json files that "
                         "hold exactly this measurement: same checkpoint, images and settings)")
+    p.add_argument("--machine-note",
+                   help="what to say of a run that does not record its machine (runs trained before deepcluster "
+                        "recorded it), e.g. 'this machine (trained here, not recorded in the run)'")
     p.add_argument("--keep-cache", action="store_true", help="keep cached features (GBs at full size)")
     p.add_argument("--estimate-only", action="store_true", help="print the estimated duration and stop")
     p.add_argument("--threads", type=int,

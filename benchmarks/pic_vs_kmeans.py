@@ -28,6 +28,13 @@ def last_sizes(run: Path) -> np.ndarray:
     return np.bincount(hist[-1])
 
 
+def series(values: list[float]) -> str:
+    """Every value for a short run; first -> last (min-max) for a long one."""
+    if len(values) <= 6:
+        return " ".join(f"{v:.3f}" for v in values)
+    return f"{values[0]:.3f} → {values[-1]:.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kmeans_run", type=Path)
@@ -47,23 +54,28 @@ def main() -> None:
         ax.set_ylabel("number of clusters")
         ax.set_title(f"{name}: {len(sizes)} clusters, last epoch")
         ax.grid(alpha=0.3)
-        rows.append(f"| {name} | {len(sizes)} | {sizes.min()} / {np.median(sizes):.0f} / {sizes.max()} | "
-                    f"{(sizes < 10).mean():.0%} | "
-                    + " ".join(f"{r['nmi_labels']:.3f}" for r in recs) + " | "
-                    + " ".join(f"{r['nmi_prev']:.3f}" for r in recs if r.get("nmi_prev") is not None) + " | "
+        counts = [r.get("num_clusters") for r in recs if r.get("num_clusters") is not None]
+        rows.append(f"| {name} | {len(sizes)} | {min(counts)}–{max(counts)} | "
+                    f"{sizes.min()} / {np.median(sizes):.0f} / {sizes.max()} | {(sizes < 10).mean():.0%} | "
+                    + series([r["nmi_labels"] for r in recs]) + " | "
+                    + series([r["nmi_prev"] for r in recs if r.get("nmi_prev") is not None]) + " | "
                     + f"{np.mean([r['kmeans_s'] for r in recs]):.1f} | {sum(r['epoch_s'] for r in recs) / 60:.1f} |")
     fig.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png)
     cfg = yaml.safe_load((args.pic_run / "config.yaml").read_text())
     text = "\n".join([
-        "| clustering | clusters (last epoch) | sizes min / median / max | clusters < 10 images | NMI vs labels per epoch "
-        "| NMI vs previous epoch | clustering s / epoch | total min |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clustering | clusters (last epoch) | clusters over the epochs | sizes min / median / max (last epoch) "
+        "| clusters < 10 images | NMI vs labels | NMI vs previous epoch | clustering s / epoch | total min |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows, "",
-        f"Data: {cfg['data']['name']}, subset {cfg['data']['subset']}, {cfg['optim']['epochs']} epochs, preset "
+        "NMI columns: every epoch for runs of up to 6 epochs, else first → last epoch (lowest–highest).",
+        "",
+        f"Data: {cfg['data']['name']}, "
+        f"{'all images' if cfg['data']['subset'] is None else 'subset ' + str(cfg['data']['subset'])}, "
+        f"{cfg['optim']['epochs']} epochs, preset "
         f"{cfg['preset']}, PIC sigma {cfg['cluster']['pic_sigma']}, {cfg['cluster']['pic_neighbors']} neighbours, "
-        f"{cfg['cluster']['pic_iters']} iterations. Machine: {machine_line(machine_info())}.",
+        f"{cfg['cluster']['pic_iters']} iterations. Table made on: {machine_line(machine_info())}.",
         f"Command: `python benchmarks/pic_vs_kmeans.py {args.kmeans_run} {args.pic_run} --out {args.out} --png {args.png}`",
     ])
     print(text)

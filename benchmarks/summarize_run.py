@@ -43,12 +43,13 @@ def main() -> None:
             shutil.copy(args.run / f, dest / f)
     probe = any(r.get("knn_top1") is not None for r in records)
     rows = ["| epoch | NMI vs labels | NMI vs prev |" + (" kNN probe |" if probe else "") + " convnet loss | "
-            "clustering loss | sizes min / median / max | extract s | PCA s | k-means s | train s | img/s |",
-            "|" + "---|" * (12 if probe else 11)]
+            "clustering loss | clusters | sizes min / median / max | extract s | PCA s | clustering s | train s | img/s |",
+            "|" + "---|" * (13 if probe else 12)]
     for r in records:
         knn = f" {fmt(r.get('knn_top1'))} |" if probe else ""
         rows.append(f"| {r['epoch']} | {fmt(r.get('nmi_labels'))} | {fmt(r.get('nmi_prev'))} |{knn}"
-                    f" {r['convnet_loss']:.3f} | {r['clustering_loss']:.3f} | {r['cluster_size_min']} / "
+                    f" {r['convnet_loss']:.3f} | {r['clustering_loss']:.3f} | {r.get('num_clusters', '—')} | "
+                    f"{r['cluster_size_min']} / "
                     f"{r['cluster_size_median']:.0f} / {r['cluster_size_max']} | {r['extract_s']:.0f} | {r['pca_s']:.1f} "
                     f"| {r['kmeans_s']:.1f} | {r['train_s']:.0f} | {r['images_per_s']:.0f} |")
     total = sum(r["epoch_s"] for r in records)
@@ -63,20 +64,30 @@ def main() -> None:
                                f"{len(records)} --workers {cfg['run']['workers']} --eval-every {cfg['run']['eval_every']}")
     probe_text = ("; the kNN probe (`--eval-every 1`) classifies 2,000 held-out training images by their 20 nearest "
                   "neighbours among 10,000 others in fc7 space") if probe else ""
+    counts = [r.get("num_clusters") for r in records if r.get("num_clusters") is not None]
+    if c.get("method", "kmeans") == "pic":
+        clustering = (f"PIC (σ {c['pic_sigma']}, {c['pic_neighbors']} neighbours, {c['pic_iters']} power iterations; "
+                      f"{min(counts)}–{max(counts)} clusters over the epochs)")
+        at_k = "at the run's number of clusters (PIC: thousands)"
+    else:
+        clustering = f"k-means k = {c['k']} ({c['niter']} iterations, {c.get('backend', 'faiss')})"
+        at_k = f"at the run's k (= {c['k']})"
+    whiten = "whitened + L2" if c.get("whiten", True) else "+ L2 (no whitening)"
     text = f"""# Training: {args.name}
 
-Fashion-MNIST, {records[0].get('num_clusters')} clusters, {len(records)} epochs with {which}
+Fashion-MNIST, {len(records)} epochs with {which}
 (`--preset {preset}`): `{m['arch']}` (Sobel {m['sobel']}, dropout {m.get('dropout')}), PCA {c['pca_dim']}
-whitened + L2, k-means k = {c['k']} ({c['niter']} iterations, faiss), SGD lr {o['lr']} constant, momentum
+{whiten}, {clustering}, SGD lr {o['lr']} constant, momentum
 {o['momentum']}, weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale
-{tuple(o['crop_scale'])} + flip, uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs on {machine}.
+{tuple(o['crop_scale'])} + flip, uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs; machine:
+{machine}.
 
 Files: [metrics.jsonl](runs/{args.name}/metrics.jsonl), [config.yaml](runs/{args.name}/config.yaml),
 ![NMI over epochs](runs/{args.name}/nmi.png)
 
 {chr(10).join(rows)}
 
-NMI vs labels is computed at the run's k (= {c['k']}) against the 10 classes, for analysis only{probe_text}.
+NMI vs labels is computed {at_k} against the 10 classes, for analysis only{probe_text}.
 Machine: {machine_line(machine_info())}.
 
 Command: `{command}`

@@ -352,9 +352,14 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
         ctx = open_checkpoint(run, device=args.device, **common)
         measured = run_protocols(ctx, s, net=True, finetune_modes=["all", "fc"], fresh=args.fresh)
         train_s, epochs = deepcluster_train_time(run)
-        machine = (load_checkpoint(run).get("meta", {}).get("machine") or args.machine_note
+        run_state = load_checkpoint(run)
+        machine = (run_state.get("meta", {}).get("machine") or args.machine_note
                    or "not recorded (a run from before deepcluster recorded its machine)")
-        finish(key, f"DeepCluster ({run.name}, {epochs} epochs)", measured, t0, train_s, machine, ctx)
+        cfg = run_state.get("config", {})
+        how = [f"preset {cfg['preset']}"] if cfg.get("preset") else []
+        how += ["PIC"] if cfg.get("cluster", {}).get("method") == "pic" else []
+        finish(key, f"DeepCluster ({run.name}: {', '.join(how + [f'{epochs} epochs'])})", measured, t0, train_s,
+               machine, ctx)
 
     # Supervised top-line.
     t0 = time.perf_counter()

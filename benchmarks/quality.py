@@ -421,6 +421,7 @@ def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: di
     (out_dir / "results.json").write_text(json.dumps(js, indent=2, default=str) + "\n")
     m = meta["machine"]
     lin, mlp = s["linear"], s["mlp"]
+    total_eval_s = sum(r.get("eval_time_s") or 0.0 for res in all_results.values() for r in res.values())
     parts = [
         "# Results: evaluation protocols on DeepCluster and baselines",
         "",
@@ -428,7 +429,8 @@ def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: di
         f"{m['cores']} cores, "
         f"torch {m['torch']}{', GPU ' + m['gpu'] if 'gpu' in m else ''}; this invocation took "
         f"{format_duration(meta['seconds'])}"
-        + (" (cells measured by earlier invocations were read back: listed under each table)"
+        + (" (cells measured by earlier invocations were read back: listed under each table; measuring all "
+           f"cells took {format_duration(total_eval_s)} of evaluation, not counting the supervised baseline's training)"
            if any(r.get("reused") for rows in all_rows.values() for r in rows.values()) else "")
         + ". The same numbers are in `docs/results.json` "
         "(`{dataset: {method: {metric: value}}}`; `_meta` holds settings and machines).",

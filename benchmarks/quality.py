@@ -264,11 +264,11 @@ def run_protocols(ctx, s: dict[str, Any], net: bool, finetune_modes: list[str],
     names += list(ctx.encoder.layers) if "linear" in p and "linear" not in done else []
     names += ["backbone"] if "mlp" in p and net and "mlp" not in done else []
     names += [feature] if {"knn", "clusters"} & set(p) and not {"knn", "clusters"} <= set(done) else []
-    t0 = time.perf_counter()
     if names:
+        t0 = time.perf_counter()
         for split in ("train", "test"):
             ctx.store.get(split, names)
-    info["eval_s"] += time.perf_counter() - t0
+        info["eval_s"] += time.perf_counter() - t0
     for name, _, measure in jobs:
         r = done.get(name)
         if r is None:

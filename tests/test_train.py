@@ -110,3 +110,26 @@ def test_cli_train_and_resume_with_saved_config(tiny_mnist_root, tmp_path):
     state = load_checkpoint(out)
     assert state["epoch"] == 2 and state["meta"]["k"] == 8
     assert "k: 8" in (out / "config.yaml").read_text()
+
+
+def test_a_folder_picks_its_image_size_and_a_resumed_run_keeps_it(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+    def run(epochs, resume=False):
+        train(resolve(overrides={"data": {"name": "folder", "root": str(folder)},
+                                 "cluster": {"k": 2, "pca_dim": 4}, "optim": {"epochs": epochs, "batch_size": 8},
+                                 "run": {"output_dir": str(tmp_path / "run"), "workers": 0, "resume": resume}}))
+        return load_checkpoint(tmp_path / "run")["meta"]["image_size"]
+
+    assert run(1) == 32  # the shorter side of 40 x 32 images
+    # Most images replaced by larger ones (same count): the median would now be 64, but the
+    # run resumes at the size it was trained at instead of refusing a size mismatch.
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert run(2, resume=True) == 32

@@ -54,6 +54,15 @@ def _no_room_errno(e: BaseException) -> int | None:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting and
+    restoring it would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

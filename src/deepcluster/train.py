@@ -527,11 +527,16 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     n = len(source)
     if cfg.cluster.method == "kmeans" and cfg.cluster.k > n:
         raise DataError(f"--k {cfg.cluster.k} is larger than the number of images ({n}); lower --k")
+    state = None
+    if cfg.run.resume and run.checkpoint.exists():
+        state = load_checkpoint(run.checkpoint, map_location=device)
     image_size = cfg.data.image_size
     if image_size is None and cfg.data.name == "folder":
-        image_size = folder_image_size(source)
-        logger.info("image size %d px: the median shorter side of the folder's images, within [28, 224] "
-                    "(--image-size to choose)", image_size)
+        image_size = (state or {}).get("meta", {}).get("image_size")  # a resumed run keeps the size it picked
+        if image_size is None:
+            image_size = folder_image_size(source)
+            logger.info("image size %d px: the median shorter side of the folder's images, within [28, 224] "
+                        "(--image-size to choose)", image_size)
     spec = image_spec(cfg.data.name, image_size)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
     train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip,
@@ -539,9 +544,7 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     labels = source.labels
 
     meta = _meta(cfg, n, spec.size)
-    state = None
-    if cfg.run.resume and run.checkpoint.exists():  # refuse an incompatible checkpoint before any work
-        state = load_checkpoint(run.checkpoint, map_location=device)
+    if state is not None:  # refuse an incompatible checkpoint before any work
         check_compatible(state, {k: meta[k] for k in RESUME_KEYS}, run.checkpoint)
 
     # Model and optimiser.

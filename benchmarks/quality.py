@@ -194,6 +194,13 @@ def format_duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- running
 
+def _field(result: dict[str, Any], key: str) -> Any:
+    """``result["a"]["b"]`` for ``key`` ``"a.b"``; ``None`` where missing."""
+    for part in key.split("."):
+        result = result.get(part) if isinstance(result, dict) else None
+    return result
+
+
 def previous_result(ctx, name: str, expect: dict[str, Any], fresh: bool) -> dict[str, Any] | None:
     """``RUN/eval/<name>.json`` from an earlier benchmark, if it measured exactly this.
 
@@ -217,7 +224,7 @@ def previous_result(ctx, name: str, expect: dict[str, Any], fresh: bool) -> dict
     header = ctx.header(old.get("protocol", ""))
     same = (old.get("checkpoint") == header["checkpoint"] and old.get("epoch") == header["epoch"]
             and old.get("data") == json.loads(json.dumps(header["data"]))
-            and all(old.get(k) == v for k, v in expect.items()) and isinstance(old.get("metrics"), dict))
+            and all(_field(old, k) == v for k, v in expect.items()) and isinstance(old.get("metrics"), dict))
     if same:
         logger.info("reusing %s (same checkpoint, images and settings; --fresh to measure again)", path)
         return old
@@ -250,13 +257,12 @@ def run_protocols(ctx, s: dict[str, Any], net: bool, finetune_modes: list[str],
     if "finetune" in p:
         for f in s["fractions"]:
             for mode in finetune_modes:
-                jobs.append((f"finetune_{mode}_{fraction_tag(f)}", {"label_fraction": f, "mode": mode},
+                jobs.append((f"finetune_{mode}_{fraction_tag(f)}",
+                             {"label_fraction": f, "mode": mode, "settings.steps": s["finetune_steps"]},
                              lambda f=f, mode=mode: finetune_eval(ctx, f, mode, steps=s["finetune_steps"])))
     done: dict[str, dict[str, Any]] = {}
     for name, expect, _ in jobs:
         old = previous_result(ctx, name, expect, fresh)
-        if old is not None and name.startswith("finetune") and old.get("settings", {}).get("steps") != s["finetune_steps"]:
-            old = None
         if old is not None:
             done[name] = old
             info["reused"].append(name)

@@ -27,8 +27,8 @@ def tiny_run(tiny_mnist_root, tmp_path_factory):
     return train_tiny(tiny_mnist_root, tmp_path_factory.mktemp("quality") / "run")
 
 
-def settings(epochs=1):
-    return {"protocols": ["linear", "knn", "clusters", "finetune"], "fractions": [0.5], "finetune_steps": 2,
+def settings(epochs=1, steps=2):
+    return {"protocols": ["linear", "knn", "clusters", "finetune"], "fractions": [0.5], "finetune_steps": steps,
             "linear": Grid(lrs=[0.1], weight_decays=[0.0], epochs=epochs, batch_size=64),
             "mlp": Grid(lrs=[0.1], weight_decays=[0.0], epochs=1, batch_size=64)}
 
@@ -55,6 +55,9 @@ def test_second_invocation_reads_back_and_changes_measure_again(quality, tiny_ru
     _, info3 = measure(quality, tiny_run, settings(epochs=2))
     assert info3["reused"] == ["knn", "clusters", "finetune_all_50pct"]
     assert json.loads(linear_file.read_text())["grid"]["epochs"] == 2
+
+    _, info = measure(quality, tiny_run, settings(epochs=2, steps=3))  # a nested setting counts too
+    assert info["reused"] == ["linear", "knn", "clusters"]
 
     # --fresh measures everything.
     _, info4 = measure(quality, tiny_run, settings(epochs=2), fresh=True)

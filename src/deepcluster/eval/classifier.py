@@ -168,6 +168,11 @@ class Grid:
     def points(self) -> list[tuple[float, float]]:
         return list(itertools.product(self.lrs, self.weight_decays))
 
+    def as_dict(self) -> dict[str, Any]:
+        """The grid as a result file records it (lists, so a JSON round trip compares equal)."""
+        return {"lrs": list(self.lrs), "weight_decays": list(self.weight_decays), "epochs": self.epochs,
+                "batch_size": self.batch_size}
+
 
 def select_and_fit(make_head: HeadFactory, x_train: np.ndarray, y_train: np.ndarray, fit: np.ndarray,
                    val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, num_classes: int, grid: Grid,

@@ -47,8 +47,7 @@ def linear_eval(ctx: EvalContext, layers: Sequence[str] | None = None, grid: Gri
         results[name] = {**dims[name], **r}
         logger.info("linear probe %s: test top-1 %.4f (val %.4f; lr %g, wd %g)", name, r["test_top1"],
                     r["val_top1"], r["lr"], r["weight_decay"])
-    out = {**ctx.header("linear"), "grid": {"lrs": list(grid.lrs), "weight_decays": list(grid.weight_decays),
-                                            "epochs": grid.epochs, "batch_size": grid.batch_size},
+    out = {**ctx.header("linear"), "grid": grid.as_dict(),
            "layers": results, "metrics": {f"linear_{n}": results[n]["test_top1"] for n in layers},
            "seconds": time.perf_counter() - t0}
     if write:

@@ -58,8 +58,7 @@ def mlp_eval(ctx: EvalContext, grid: Grid = MLP_GRID, hidden: int | None = None,
     logger.info("MLP probe: test top-1 %.4f (val %.4f; lr %g, wd %g)", r["test_top1"], r["val_top1"], r["lr"],
                 r["weight_decay"])
     out = {**ctx.header("mlp"), "input_dim": int(train.shape[1]), "hidden": hidden,
-           "grid": {"lrs": list(grid.lrs), "weight_decays": list(grid.weight_decays), "epochs": grid.epochs,
-                    "batch_size": grid.batch_size},
+           "grid": grid.as_dict(),
            "result": r, "metrics": {"mlp": r["test_top1"]}, "seconds": time.perf_counter() - t0}
     if write:
         ctx.write("mlp", out)

@@ -67,6 +67,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                         ["--dropout", "0", "--crop-scale", "1", "1", "--affine", "0.5"]),
     "head-centroids": ("DeepCluster-v2 head: cosine to the fixed centroids / 0.1 instead of a new random "
                        "linear layer each epoch", ["--head", "centroids"]),
+    "cluster-backbone": ("k-means on the conv stack's output (fc6's input, 1152-d) instead of fc7; NMI and kNN "
+                         "columns then score that feature", ["--cluster-feature", "backbone"]),
+    "cosine": ("cosine learning-rate decay over the epochs (0.05 -> 0.003)", ["--lr-schedule", "cosine"]),
     "width1": ("full-width alexnet_small (width 1)", ["--width", "1"]),
 }
 
@@ -98,9 +101,18 @@ def evaluate(run: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
         common += ["--test-subset", str(args.test_subset)]
     t = run_cmd(dc + ["clusters", *common], log, args.threads)
     t += run_cmd(dc + ["knn", *common], log, args.threads)
-    clusters = json.loads((run / "eval" / "clusters.json").read_text())["metrics"]
-    knn = json.loads((run / "eval" / "knn.json").read_text())["metrics"]
-    return {"nmi": clusters["nmi"], "acc": clusters["acc"], "ari": clusters["ari"], "knn": knn["knn"], "eval_s": t}
+    clusters = json.loads((run / "eval" / "clusters.json").read_text())
+    knn = json.loads((run / "eval" / "knn.json").read_text())
+    out = {"feature": clusters["feature"], "nmi": clusters["metrics"]["nmi"], "acc": clusters["metrics"]["acc"],
+           "ari": clusters["metrics"]["ari"], "knn": knn["metrics"]["knn"]}
+    if clusters["feature"] != "backbone":  # the conv stack's output too: what fc6 reads
+        t += run_cmd(dc + ["clusters", *common, "--feature", "backbone"], log, args.threads)
+        t += run_cmd(dc + ["knn", *common, "--feature", "backbone"], log, args.threads)
+        clusters = json.loads((run / "eval" / "clusters-backbone.json").read_text())
+        knn = json.loads((run / "eval" / "knn-backbone.json").read_text())
+    out.update({"nmi_backbone": clusters["metrics"]["nmi"], "acc_backbone": clusters["metrics"]["acc"],
+                "knn_backbone": knn["metrics"]["knn"], "eval_s": t})
+    return out
 
 
 def one(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -154,11 +166,14 @@ def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[
         f"Each row trains DeepCluster on a fixed random subset of {args.subset} Fashion-MNIST training images for "
         f"{args.epochs} epochs (seed {args.seed}), starting from `--preset paper` "
         f"{'plus `' + shlex.join(args.base_flags) + '` ' if args.base_flags else ''}and changing one thing. "
-        "Scores come from `deepcluster eval`: **NMI / ACC** of k-means with k = 10 on the fc7 features of the "
+        "Scores come from `deepcluster eval`: **NMI / ACC** of k-means with k = 10 on the clustered features "
+        "(fc7, unless the row says otherwise) of the "
         f"{'%d' % args.test_subset if args.test_subset else '10000'} test images (the better of whitened / "
         "L2 preprocessing, chosen on a validation part), **kNN** the cosine 20-NN top-1 on the test images "
         f"with the {args.eval_subset or 'full'} training images as reference. **train NMI** is the NMI of "
         "the training-time assignments (k of the run) against the labels at the first and last epoch. "
+        "**backbone** columns score the conv stack's output (fc6's input) the same way (— : rows measured "
+        "before that column existed). "
         "Δ columns are against `base`; `train min` is wall-clock training time with "
         f"{args.jobs} run(s) sharing the machine. Rows are kept between invocations of the script; "
         "this table merges:",
@@ -167,15 +182,18 @@ def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[
         *dict.fromkeys(r.get("invocation", "") for r in rows if r.get("invocation")),
         "```",
         "",
-        "| variant | change | NMI | ΔNMI | ACC | kNN | ΔkNN | train NMI first → last | train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | change | NMI | ΔNMI | ACC | kNN | ΔkNN | backbone NMI / ACC / kNN | train NMI first → last "
+        "| train min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         dn = f"{r['nmi'] - base['nmi']:+.3f}" if base and r is not base else ""
         dk = f"{r['knn'] - base['knn']:+.3f}" if base and r is not base else ""
+        bb = (f"{r['nmi_backbone']:.3f} / {r['acc_backbone']:.3f} / {r['knn_backbone']:.3f}"
+              if "nmi_backbone" in r else "—")
         tn = f"{r['nmi_labels'][0]:.3f} → {r['nmi_labels'][-1]:.3f}" if r["nmi_labels"] else ""
         lines.append(f"| `{r['name']}` | {r['what']} | {r['nmi']:.3f} | {dn} | {r['acc']:.3f} | {r['knn']:.3f} | "
-                     f"{dk} | {tn} | {r['train_s'] / 60:.1f} |")
+                     f"{dk} | {bb} | {tn} | {r['train_s'] / 60:.1f} |")
     lines += ["", "Commands of the rows (run from the repository root):", "", "```"]
     lines += [relative(r["command"]) for r in rows if r["command"]]
     lines += ["```", ""]

@@ -143,6 +143,10 @@ def _release(version: Any) -> tuple[str, ...]:
     return tuple(str(version).split(".")[:2])
 
 
+META_DEFAULTS = {"cluster_feature": "fc7"}
+"""Values of ``meta`` keys that checkpoints written before the key existed had."""
+
+
 def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str | Path = "checkpoint",
                      same_release: bool = True) -> None:
     """Refuse ``state`` if any ``expected`` key (``arch``, ``k``, ...) differs.
@@ -151,8 +155,9 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str 
     release of the package is refused too; another patch release is accepted with a
     warning (bit-exact continuation is promised within one release only).
     """
+    meta = state.get("meta", {})
     for key, want in expected.items():
-        have = state.get("meta", {}).get(key)
+        have = meta.get(key, META_DEFAULTS.get(key))
         if have != want:
             raise CheckpointError(
                 f"checkpoint {path} was written with {key}={have!r}, this run has {key}={want!r}; "
@@ -201,18 +206,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
         ``(model, state)``: the :class:`~deepcluster.models.DeepClusterNet` in eval mode
         with the checkpoint's weights (head included), and the checkpoint dict.
     """
-    from .models import create_model
+    from .models import model_from_meta
 
     state = load_checkpoint(path, map_location="cpu")
     meta = state.get("meta", {})
-    kwargs: dict[str, Any] = {"image_size": meta["image_size"]}
-    if meta.get("width") is not None:
-        kwargs["width"] = meta["width"]
-    if meta.get("fc_dim") is not None:
-        kwargs["fc_dim"] = meta["fc_dim"]
     try:
-        model = create_model(meta["arch"], sobel=meta["sobel"],
-                             num_clusters=state["model"]["head.weight"].shape[0], **kwargs)
+        model = model_from_meta(meta, num_clusters=state["model"]["head.weight"].shape[0])
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]

@@ -67,6 +67,9 @@ class ClusterConfig:
     niter: int = 20
     backend: str = "faiss"
     """k-means backend: faiss, faiss-gpu or torch."""
+    feature: str = "fc7"
+    """What is clustered: fc7 (paper, before its ReLU) or backbone (the flattened conv
+    stack output, fc6's input); the pseudo-labels train fc6 -> fc7 -> head either way."""
     pca_sample: int | None = None
     """Images used to fit the PCA (default: all when N x fc_dim floats fit in 1 GB, else
     max(20 x fc_dim, 50,000) random images; see docs/SCALE.md)."""
@@ -84,6 +87,8 @@ class OptimConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-5
+    lr_schedule: str = "constant"
+    """constant (paper) or cosine: epoch e trains at lr * (1 + cos(pi * e / epochs)) / 2."""
     balance: str = "sampler"
     """sampler (uniform over clusters, paper), weight (loss / cluster size) or none."""
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -258,11 +263,15 @@ def validate(cfg: Config) -> None:
         (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
         (cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.lr_schedule in ("constant", "cosine"), f"optim.lr_schedule must be constant or cosine, got {cfg.optim.lr_schedule!r}"),
         (cfg.optim.balance in ("sampler", "weight", "none"), f"optim.balance must be sampler, weight or none, got {cfg.optim.balance!r}"),
         (0 < cfg.optim.crop_scale[0] <= cfg.optim.crop_scale[1] <= 1, "optim.crop_scale must satisfy 0 < min <= max <= 1"),
         (0 <= cfg.optim.affine <= 4, "optim.affine must be in [0, 4]"),
         (0 <= cfg.optim.erasing <= 1, "optim.erasing must be in [0, 1]"),
         (cfg.optim.head in ("random", "centroids"), "optim.head must be random or centroids"),
+        (cfg.cluster.feature in ("fc7", "backbone"), f"cluster.feature must be fc7 or backbone, got {cfg.cluster.feature!r}"),
+        (cfg.optim.head == "random" or cfg.cluster.feature == "fc7",
+         "optim.head centroids scores fc7 against the centroids: it needs cluster.feature fc7"),
         (cfg.optim.temperature > 0, "optim.temperature must be > 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.run.workers >= 0, "run.workers must be >= 0"),

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -99,7 +100,7 @@ def model_kwargs(cfg: Config, image_size: int) -> dict[str, Any]:
 
 def build_model(cfg: Config, image_size: int, num_clusters: int) -> DeepClusterNet:
     return create_model(cfg.model.arch, sobel=cfg.model.sobel, num_clusters=num_clusters,
-                        **model_kwargs(cfg, image_size))
+                        cluster_feature=cfg.cluster.feature, **model_kwargs(cfg, image_size))
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, seed: int = 0, shuffle: bool = False,
@@ -442,7 +443,7 @@ def _record_skipped(run: RunDir, source: ImageSource) -> None:
 def _meta(cfg: Config, num_images: int, image_size: int) -> dict[str, Any]:
     return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "k": cfg.cluster.k, "method": cfg.cluster.method,
             "num_images": num_images, "image_size": image_size, "fc_dim": cfg.model.fc_dim,
-            "width": cfg.model.width, "data": cfg.data.name,
+            "width": cfg.model.width, "cluster_feature": cfg.cluster.feature, "data": cfg.data.name,
             "machine": machine_info()}  # of the latest (re)start; RESUME_KEYS do not include it
 
 
@@ -452,12 +453,19 @@ def build_optimizer(model: DeepClusterNet, cfg: Config) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
-def build_head_optimizer(model: DeepClusterNet, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.head.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           weight_decay=cfg.optim.weight_decay)
+def epoch_lr(cfg: Config, epoch: int) -> float:
+    """The learning rate of ``epoch``: ``optim.lr``, or its cosine decay over ``optim.epochs``."""
+    if cfg.optim.lr_schedule == "cosine":
+        return cfg.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.optim.epochs))
+    return cfg.optim.lr
 
 
-RESUME_KEYS = ("arch", "sobel", "k", "method", "num_images", "image_size", "fc_dim", "width")
+def build_head_optimizer(model: DeepClusterNet, cfg: Config, lr: float | None = None) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.head.parameters(), lr=cfg.optim.lr if lr is None else lr,
+                           momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+RESUME_KEYS = ("arch", "sobel", "k", "method", "num_images", "image_size", "fc_dim", "width", "cluster_feature")
 
 
 def restore(state: dict[str, Any], model: DeepClusterNet, optimizer: torch.optim.Optimizer,
@@ -647,7 +655,10 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     # 4-5. Pseudo-labels, a new head, one epoch of training.
     gen = torch.Generator().manual_seed(epoch_seed(cfg.run.seed, epoch, 3))
     model.reset_head(num_clusters, generator=gen)
-    head_optimizer = build_head_optimizer(model, cfg)
+    lr = epoch_lr(cfg, epoch)
+    for group in optimizer.param_groups:  # a function of the epoch: a resumed run gets the same
+        group["lr"] = lr
+    head_optimizer = build_head_optimizer(model, cfg, lr)
     balanced = cfg.optim.balance == "sampler"
     sampler = ClusterBalancedSampler(assignments, seed=epoch_seed(cfg.run.seed, epoch, 4), balanced=balanced,
                                      rank=rank(), world_size=world_size())
@@ -684,6 +695,7 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         "train_s": stats["train_s"],
         "epoch_s": time.perf_counter() - t0,
         "images_per_s": stats["images_per_s"],
+        "lr": lr,
         "_assignments": assignments,
         "_checkpoint_extra": {"pca": res["pca"].state_dict(), "centroids": torch.from_numpy(res["centroids"]),
                               "cluster_model": cluster_model},

@@ -10,14 +10,15 @@ from .export import FEATURE_KINDS, FORMATS
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("assign", help="assign new images to a run's clusters",
                        description="Assign every image under --images to the nearest cluster centroid of the "
-                       "checkpoint, in the same space as training (clustering transform, fc7 features, the "
+                       "checkpoint, in the same space as training (clustering transform, the clustered features, the "
                        "checkpoint's PCA-whitening). Unreadable files are listed with cluster -1 and an error.")
     p.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint.pt")
     p.add_argument("--images", required=True, help="a folder of images (searched recursively) or one image")
     p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), parquet or npy")
     p.add_argument("--output", "-o", help="output file (default: CSV on stdout)")
     p.add_argument("--features", nargs="?", const="pca", choices=FEATURE_KINDS,
-                   help="also write each image's features: pca (default) or fc7")
+                   help="also write each image's features: pca (default) or fc7 (before PCA; the conv "
+                   "stack's output for a --cluster-feature backbone run)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_assign)

@@ -89,14 +89,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(q, pixels=True)
     q.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     q.add_argument("--temperature", type=float, default=0.07, help="of the weighted vote (default 0.07)")
-    q.add_argument("--feature", help="fc7 (default), backbone or conv1..conv5 (pooled); written to knn-<feature>.json")
+    q.add_argument("--feature", help="default: what the run clustered (fc7, or backbone for --cluster-feature backbone); else fc7, backbone or conv1..conv5 (pooled), written to knn-<feature>.json")
     q.set_defaults(func=cmd_eval)
 
     q = ps.add_parser("clusters", help="k-means with k = classes on the features: NMI, ACC, ARI")
     _common(q, pixels=True)
     q.add_argument("--split", choices=["test", "train"], default="test", help="images clustered (default test)")
     q.add_argument("--n-init", type=int, default=3, help="k-means restarts, lowest loss kept (default 3)")
-    q.add_argument("--feature", help="fc7 (default), backbone or conv1..conv5 (pooled); written to clusters-<feature>.json")
+    q.add_argument("--feature", help="default: what the run clustered (fc7, or backbone for --cluster-feature backbone); else fc7, backbone or conv1..conv5 (pooled), written to clusters-<feature>.json")
     q.set_defaults(func=cmd_eval)
 
     q = ps.add_parser("finetune", help="fine-tune on a class-balanced fraction of the labels")

@@ -20,9 +20,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "arch": ("model", "arch"), "sobel": ("model", "sobel"), "width": ("model", "width"), "fc_dim": ("model", "fc_dim"),
     "clustering": ("cluster", "method"), "k": ("cluster", "k"), "pca_dim": ("cluster", "pca_dim"),
     "kmeans": ("cluster", "backend"), "kmeans_iters": ("cluster", "niter"), "pca_sample": ("cluster", "pca_sample"),
-    "pic_sigma": ("cluster", "pic_sigma"),
+    "pic_sigma": ("cluster", "pic_sigma"), "cluster_feature": ("cluster", "feature"),
     "epochs": ("optim", "epochs"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
-    "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"), "balance": ("optim", "balance"),
+    "lr_schedule": ("optim", "lr_schedule"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"), "balance": ("optim", "balance"),
     "output_dir": ("run", "output_dir"), "device": ("run", "device"), "seed": ("run", "seed"),
     "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
@@ -60,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
     g.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
                    help="PCA without whitening (paper: whitened)")
+    g.add_argument("--cluster-feature", choices=["fc7", "backbone"],
+                   help="what is clustered: fc7 (paper) or backbone (the conv stack output, fc6's input)")
     g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
     g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
     g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all when N x fc_dim floats "
@@ -71,6 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float, help="SGD learning rate (paper: 0.05, constant)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (paper) or cosine decay over the epochs, one value per epoch")
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),

@@ -133,7 +133,7 @@ class NetEncoder(Encoder):
         self.layers = [n for n in ("conv1", "conv2", "conv3", "conv4", "conv5") if n in model.conv_layers]
         self.all_layers = self.layers + [n for n in model.conv_layers if n not in self.layers]
         self.names = self.all_layers + ["backbone", "fc7"]
-        self.clustering_feature = "fc7"
+        self.clustering_feature = model.cluster_feature
         self._dims: dict[str, dict[str, int]] = {}
         self._dims = self._probe_dims()
 
@@ -148,7 +148,7 @@ class NetEncoder(Encoder):
             dims[n] = {"dim": c * s * s, "channels": c, "spatial": h, "pool": s}
         b = self.model.forward_backbone(x)
         dims["backbone"] = {"dim": int(b[0].numel()), "channels": b.shape[1], "spatial": b.shape[2], "pool": b.shape[2]}
-        dims["fc7"] = {"dim": self.model.feature_dim, "channels": self.model.feature_dim, "spatial": 1, "pool": 1}
+        dims["fc7"] = {"dim": self.model.fc_dim, "channels": self.model.fc_dim, "spatial": 1, "pool": 1}
         return dims
 
     def dims(self) -> dict[str, dict[str, int]]:

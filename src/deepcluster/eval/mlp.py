@@ -49,7 +49,7 @@ def mlp_eval(ctx: EvalContext, grid: Grid = MLP_GRID, hidden: int | None = None,
     """
     model = ctx.require_model("mlp")
     t0 = time.perf_counter()
-    hidden = hidden or model.feature_dim
+    hidden = hidden or model.fc_dim
     train = ctx.store.get("train", ["backbone"])["backbone"]
     test = ctx.store.get("test", ["backbone"])["backbone"]
     logger.info("MLP probe: %d -> %d -> %d -> %d", train.shape[1], hidden, hidden, ctx.data.num_classes)

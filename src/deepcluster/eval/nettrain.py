@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..data import ImageSource, IndexedDataset, cluster_transform
 from ..data.transforms import ImageSpec
-from ..models import DeepClusterNet, create_model
+from ..models import DeepClusterNet, model_from_meta
 
 logger = logging.getLogger(__name__)
 
@@ -29,21 +29,16 @@ TRAINABLE = ("all", "fc")
 def fresh_model(state: dict[str, Any], seed: int | None = None, num_clusters: int | None = None) -> DeepClusterNet:
     """The checkpoint's architecture with random weights, initialised as the run was.
 
-    ``torch.manual_seed(seed)`` then ``create_model`` with the run's settings, in the
+    ``torch.manual_seed(seed)`` then ``model_from_meta`` with the run's settings, in the
     order the training loop uses: with the run's seed and ``k`` this gives the
     DeepCluster run's initial weights (the random-init baseline).
     """
     meta = state.get("meta", {})
     cfg = state.get("config", {})
     seed = cfg.get("run", {}).get("seed", 0) if seed is None else seed
-    kwargs: dict[str, Any] = {"image_size": meta["image_size"], "dropout": cfg.get("model", {}).get("dropout", 0.5)}
-    if meta.get("width") is not None:
-        kwargs["width"] = meta["width"]
-    if meta.get("fc_dim") is not None:
-        kwargs["fc_dim"] = meta["fc_dim"]
     torch.manual_seed(seed)
     k = num_clusters or meta.get("k") or state["model"]["head.weight"].shape[0]
-    return create_model(meta["arch"], sobel=meta["sobel"], num_clusters=k, **kwargs)
+    return model_from_meta(meta, num_clusters=k, dropout=cfg.get("model", {}).get("dropout", 0.5))
 
 
 def set_trainable(model: DeepClusterNet, trainable: str) -> list[nn.Parameter]:

@@ -7,6 +7,7 @@ features), ``forward_head`` and ``reset_head(num_clusters)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from .alexnet import alexnet, alexnet_small
 from .centroid_head import CentroidClassifier, CentroidHead
@@ -32,16 +33,35 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, sobel: bool = True, num_clusters: int = 100, **kwargs) -> DeepClusterNet:
-    """Build the registered model ``name``.
+def create_model(name: str, sobel: bool = True, num_clusters: int = 100, cluster_feature: str = "fc7",
+                 **kwargs) -> DeepClusterNet:
+    """Build the registered model ``name``; ``cluster_feature`` is what ``forward_features``
+    returns (``fc7`` or ``backbone``, see :class:`DeepClusterNet`).
 
     Raises:
-        ValueError: if ``name`` is not registered (the message lists the known names).
+        ValueError: if ``name`` is not registered (the message lists the known names) or
+            ``cluster_feature`` is unknown.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; choose one of {list_models()}")
-    return _REGISTRY[name](num_clusters=num_clusters, sobel=sobel, **kwargs)
+    if cluster_feature not in DeepClusterNet.CLUSTER_FEATURES:
+        raise ValueError(f"unknown clustering feature {cluster_feature!r}; choose one of "
+                         f"{list(DeepClusterNet.CLUSTER_FEATURES)}")
+    model = _REGISTRY[name](num_clusters=num_clusters, sobel=sobel, **kwargs)
+    model.cluster_feature = cluster_feature
+    return model
 
 
-__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "Sobel", "create_model", "list_models",
+def model_from_meta(meta: dict[str, Any], num_clusters: int, dropout: float = 0.5) -> DeepClusterNet:
+    """The architecture a checkpoint's ``meta`` records (arch, Sobel, image size, width,
+    fc width, clustering feature), with fresh weights and a head of ``num_clusters``."""
+    kwargs: dict[str, Any] = {"image_size": meta["image_size"], "dropout": dropout}
+    for key in ("width", "fc_dim"):
+        if meta.get(key) is not None:
+            kwargs[key] = meta[key]
+    return create_model(meta["arch"], sobel=meta["sobel"], num_clusters=num_clusters,
+                        cluster_feature=meta.get("cluster_feature") or "fc7", **kwargs)
+
+
+__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "Sobel", "create_model", "list_models", "model_from_meta",
            "register_model", "alexnet", "alexnet_small", "vgg16"]

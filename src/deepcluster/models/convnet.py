@@ -28,7 +28,13 @@ class DeepClusterNet(nn.Module):
         sobel: whether the fixed Sobel front end is used.
         image_size: the side of the square input images this model was built for.
         dropout: dropout probability before fc6 and fc7 (the paper uses dropout).
+        cluster_feature: what ``forward_features`` returns, i.e. what the training loop
+            clusters: ``"fc7"`` (the paper: fc7 before its ReLU) or ``"backbone"`` (the
+            flattened output of the conv stack, the input of fc6). The pseudo-label
+            classifier is ``fc6 -> fc7 -> head`` either way.
     """
+
+    CLUSTER_FEATURES = ("fc7", "backbone")
 
     def __init__(
         self,
@@ -40,14 +46,19 @@ class DeepClusterNet(nn.Module):
         sobel: bool,
         image_size: int,
         dropout: float = 0.5,
+        cluster_feature: str = "fc7",
     ) -> None:
         super().__init__()
+        if cluster_feature not in self.CLUSTER_FEATURES:
+            raise ValueError(f"cluster_feature must be one of {self.CLUSTER_FEATURES}, got {cluster_feature!r}")
         self.sobel = Sobel() if sobel else nn.Identity()
         self.features = features
         self.conv_layers = dict(conv_layers)
         self.image_size = image_size
-        self.feature_dim = fc_dim
+        self.fc_dim = fc_dim
+        self.cluster_feature = cluster_feature
         c, h, w = feature_shape
+        self.backbone_dim = c * h * w
         # fc7 is the clustering feature, taken *before* its ReLU as in the original.
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
@@ -76,6 +87,11 @@ class DeepClusterNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @property
+    def feature_dim(self) -> int:
+        """Width of ``forward_features``' output: ``fc_dim``, or ``backbone_dim`` (``C*h*w``)."""
+        return self.fc_dim if self.cluster_feature == "fc7" else self.backbone_dim
+
+    @property
     def num_clusters(self) -> int:
         return self.head.out_features
 
@@ -89,7 +105,7 @@ class DeepClusterNet(nn.Module):
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
         p = next(self.classifier.parameters())
-        head = nn.Linear(self.feature_dim, num_clusters, device=p.device, dtype=p.dtype)
+        head = nn.Linear(self.fc_dim, num_clusters, device=p.device, dtype=p.dtype)
         with torch.no_grad():
             w = torch.randn(head.weight.shape, generator=generator, dtype=p.dtype) * 0.01
             head.weight.copy_(w.to(p.device))
@@ -119,16 +135,26 @@ class DeepClusterNet(nn.Module):
         """Output of the conv stack: ``(B, 3, H, W) -> (B, C, h, w)``."""
         return self.features(self.sobel(x))
 
+    def features_from_backbone(self, backbone: torch.Tensor) -> torch.Tensor:
+        """Clustering features from ``forward_backbone``' output: ``(B, C, h, w) -> (B, feature_dim)``."""
+        flat = torch.flatten(backbone, 1)
+        return self.classifier(flat) if self.cluster_feature == "fc7" else flat
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Clustering features, fc7 before its ReLU: ``(B, 3, H, W) -> (B, fc_dim)``."""
+        """Clustering features (``cluster_feature``; default fc7 before its ReLU):
+        ``(B, 3, H, W) -> (B, feature_dim)``."""
+        return self.features_from_backbone(self.forward_backbone(x))
+
+    def forward_fc7(self, x: torch.Tensor) -> torch.Tensor:
+        """fc7 before its ReLU, whatever is clustered: ``(B, 3, H, W) -> (B, fc_dim)``."""
         return self.classifier(torch.flatten(self.forward_backbone(x), 1))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits over clusters from ``forward_features``' output: ``(B, fc_dim) -> (B, k)``."""
-        return self.head(torch.relu(features))
+    def forward_head(self, fc7: torch.Tensor) -> torch.Tensor:
+        """Logits over clusters from ``forward_fc7``' output: ``(B, fc_dim) -> (B, k)``."""
+        return self.head(torch.relu(fc7))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_fc7(x))
 
 
 def conv_bn_relu(

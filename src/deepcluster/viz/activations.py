@@ -63,7 +63,7 @@ def forward_pass(model: DeepClusterNet, images: torch.Tensor, layers: Sequence[s
                 h = module(h)
                 if i in wanted:
                     scores[wanted[i]].append(h.amax(dim=(2, 3)).float().cpu())  # (B, C)
-            feats.append(model.classifier(torch.flatten(h, 1)).float().cpu())  # (B, fc_dim)
+            feats.append(model.features_from_backbone(h).float().cpu())  # (B, feature_dim): what is clustered
     finally:
         model.train(was_training)
     cat = lambda xs, d: torch.cat(xs).numpy() if xs else np.zeros((0, d), np.float32)  # noqa: E731

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_model
 from ..data import ImageSource, ImageSpec, cluster_transform, image_spec, training_source
-from ..models import DeepClusterNet, create_model
+from ..models import DeepClusterNet, model_from_meta
 from .images import to_display
 
 METRICS = "metrics.jsonl"
@@ -169,15 +169,9 @@ class Run:
 
     def random_model(self, seed: int = 0) -> DeepClusterNet:
         """A randomly initialised network of the same architecture (eval mode)."""
-        meta = self.state["meta"]
-        kwargs: dict[str, Any] = {"image_size": meta["image_size"]}
-        if meta.get("width") is not None:
-            kwargs["width"] = meta["width"]
-        if meta.get("fc_dim") is not None:
-            kwargs["fc_dim"] = meta["fc_dim"]
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = create_model(meta["arch"], sobel=meta["sobel"], num_clusters=self.model.num_clusters, **kwargs)
+            model = model_from_meta(self.state["meta"], num_clusters=self.model.num_clusters)
         return model.to(next(self.model.parameters()).device).eval()
 
 

@@ -70,6 +70,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cluster-backbone": ("k-means on the conv stack's output (fc6's input, 1152-d) instead of fc7; NMI and kNN "
                          "columns then score that feature", ["--cluster-feature", "backbone"]),
     "cosine": ("cosine learning-rate decay over the epochs (0.05 -> 0.003)", ["--lr-schedule", "cosine"]),
+    "small-backbone": ("no dropout, crops 0.5-1 (the small-images preset's changes) + k-means on the conv "
+                       "stack's output", ["--dropout", "0", "--crop-scale", "0.5", "1", "--cluster-feature", "backbone"]),
+    "small-cosine": ("no dropout, crops 0.5-1 + cosine learning-rate decay",
+                     ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine"]),
     "width1": ("full-width alexnet_small (width 1)", ["--width", "1"]),
 }
 

@@ -107,3 +107,11 @@ def test_an_old_checkpoint_without_the_key_is_an_fc7_run(tiny_mnist_root, tmp_pa
                              "run": {"output_dir": str(run), "workers": 0, "resume": True}})
     train(cfg)  # resumes: the missing key reads as fc7
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_report_of_a_backbone_run(backbone_run):
+    from deepcluster.report import ReportOptions, build_report
+
+    index = build_report(backbone_run, options=ReportOptions(synth_steps=5, num_filters=2, queries=2, neighbors=2,
+                                                             per_cluster=8))
+    assert index.exists() and "backbone" in (backbone_run / "config.yaml").read_text()

@@ -178,7 +178,8 @@ def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[
         "the training-time assignments (k of the run) against the labels at the first and last epoch. "
         "**backbone** columns score the conv stack's output (fc6's input) the same way (— : rows measured "
         "before that column existed). "
-        "Δ columns are against `base`; `train min` is wall-clock training time with "
+        "Δ columns are against `base` (against base's backbone scores for a row that clusters the backbone); "
+        "`train min` is wall-clock training time with "
         f"{args.jobs} run(s) sharing the machine. Rows are kept between invocations of the script; "
         "this table merges:",
         "",
@@ -191,8 +192,11 @@ def write_docs(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        dn = f"{r['nmi'] - base['nmi']:+.3f}" if base and r is not base else ""
-        dk = f"{r['knn'] - base['knn']:+.3f}" if base and r is not base else ""
+        # a row that clusters the backbone is scored there: compare it with base's backbone
+        ref = ({"nmi": base.get("nmi_backbone"), "knn": base.get("knn_backbone")}
+               if base and r.get("feature") == "backbone" else base)
+        dn = f"{r['nmi'] - ref['nmi']:+.3f}" if ref and ref["nmi"] is not None and r is not base else ""
+        dk = f"{r['knn'] - ref['knn']:+.3f}" if ref and ref["knn"] is not None and r is not base else ""
         bb = (f"{r['nmi_backbone']:.3f} / {r['acc_backbone']:.3f} / {r['knn_backbone']:.3f}"
               if "nmi_backbone" in r else "—")
         tn = f"{r['nmi_labels'][0]:.3f} → {r['nmi_labels'][-1]:.3f}" if r["nmi_labels"] else ""

@@ -358,7 +358,7 @@ def benchmark_dataset(name: str, runs: list[Path], s: dict[str, Any], args: argp
                    or "not recorded (a run from before deepcluster recorded its machine)")
         cfg = run_state.get("config", {})
         how = [f"preset {cfg['preset']}"] if cfg.get("preset") else []
-        how += ["PIC"] if cfg.get("cluster", {}).get("method") == "pic" else []
+        how += changes_from_preset(cfg)
         finish(key, f"DeepCluster ({run.name}: {', '.join(how + [f'{epochs} epochs'])})", measured, train_s,
                machine, ctx)
 
@@ -493,6 +493,26 @@ def fmt_machine(m: Any) -> str:
 
 
 # --------------------------------------------------------------------------- main
+
+def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
+    """What a run's settings change from its preset, e.g. ``["PIC", "lr_schedule cosine"]``
+    (model, clustering and optimisation keys; the epochs are reported separately)."""
+    from deepcluster.config import resolve
+
+    try:
+        preset = resolve(preset=cfg.get("preset") or "paper").to_dict()
+    except Exception:  # a preset this release does not know
+        return []
+    out = []
+    for section in ("model", "cluster", "optim"):
+        for key, value in cfg.get(section, {}).items():
+            if key == "epochs" or preset[section].get(key) == value:
+                continue
+            if isinstance(value, list) and list(preset[section].get(key) or []) == value:
+                continue
+            out.append("PIC" if (section, key, value) == ("cluster", "method", "pic") else f"{key} {value}")
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)

@@ -78,3 +78,14 @@ def test_results_of_other_images_are_not_reused(quality, tiny_run):
     ctx = open_checkpoint(tiny_run, workers=0, seed=0, test_subset=30)
     _, info = quality.run_protocols(ctx, settings(), net=True, finetune_modes=["all"])
     assert info["reused"] == []
+
+
+def test_a_row_is_named_by_what_the_run_changes_from_its_preset(quality):
+    from deepcluster.config import resolve
+
+    plain = resolve(preset="small-images").to_dict()
+    assert quality.changes_from_preset(plain) == []
+    changed = resolve(preset="small-images", overrides={
+        "optim": {"lr_schedule": "cosine", "epochs": 3, "crop_scale": [0.5, 1.0]},
+        "cluster": {"method": "pic", "feature": "backbone"}}).to_dict()
+    assert sorted(quality.changes_from_preset(changed)) == ["PIC", "feature backbone", "lr_schedule cosine"]

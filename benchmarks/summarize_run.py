@@ -73,11 +73,16 @@ def main() -> None:
         clustering = f"k-means k = {c['k']} ({c['niter']} iterations, {c.get('backend', 'faiss')})"
         at_k = f"at the run's k (= {c['k']})"
     whiten = "whitened + L2" if c.get("whiten", True) else "+ L2 (no whitening)"
+    if c.get("feature", "fc7") != "fc7":
+        whiten += f" of the {c['feature']} features"
+    lrs = [r["lr"] for r in records if r.get("lr") is not None]
+    schedule = (f"cosine decay over the epochs ({lrs[0]:g} → {lrs[-1]:.2g} in the last epoch)"
+                if o.get("lr_schedule", "constant") == "cosine" and lrs else "constant")
     text = f"""# Training: {args.name}
 
 Fashion-MNIST, {len(records)} epochs with {which}
 (`--preset {preset}`): `{m['arch']}` (Sobel {m['sobel']}, dropout {m.get('dropout')}), PCA {c['pca_dim']}
-{whiten}, {clustering}, SGD lr {o['lr']} constant, momentum
+{whiten}, {clustering}, SGD lr {o['lr']} {schedule}, momentum
 {o['momentum']}, weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale
 {tuple(o['crop_scale'])} + flip, uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs; machine:
 {machine}.

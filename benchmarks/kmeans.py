@@ -114,8 +114,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         s, obj = r["seconds"], r["objective"]
         cells = [f"{s[m]:.2f}" if isinstance(s.get(m), float) else str(s.get(m, "-")) for m in meths]
-        ratio = f"{s['ours-faiss'] / s['faiss']:.2f}" if isinstance(s.get("ours-faiss"), float) else "-"
-        sk = f"{s['sklearn'] / s['ours-faiss']:.1f}" if isinstance(s.get("sklearn"), float) else "-"
+        measured = lambda *ms: all(isinstance(s.get(m), float) for m in ms)  # noqa: E731
+        ratio = f"{s['ours-faiss'] / s['faiss']:.2f}" if measured("ours-faiss", "faiss") else "-"
+        sk = f"{s['sklearn'] / s['ours-faiss']:.1f}" if measured("sklearn", "ours-faiss") else "-"
         rel = ", ".join(f"{100 * (obj[m] / obj['faiss'] - 1):+.2f}%" for m in ("ours-faiss", "ours-torch")
                         if m in obj and "faiss" in obj)
         its = ", ".join(str(r.get("iterations", {}).get(m, "-")) for m in meths)
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["objective"][m], row["iterations"][m] = obj, its
                 print(f"N={n:>9,} k={k:>6,} {m:>16}: {sec:8.2f} s  objective {obj:.5f}  {its} iterations", flush=True)
             rows.append(row)
+            stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))  # before any formatting
             md = table(rows)
             cmd = " ".join(argv if argv is not None else sys.argv[1:])
             stem.with_suffix(".md").write_text(

@@ -41,3 +41,15 @@ def test_kmeans_benchmark_backends_reach_the_same_objective(tmp_path):
         assert row["objective"][m] == pytest.approx(ref, rel=0.01), m
     md = stem.with_suffix(".md").read_text()
     assert "| 20,000 | 100 |" in md and "ours-faiss / faiss" in md
+
+
+def test_kmeans_benchmark_with_a_subset_of_methods(tmp_path):
+    """A row without ours-faiss (e.g. --methods ours-torch,sklearn to fill in cells) is
+    written with "-" in the ratio columns instead of crashing after the measurement."""
+    stem = tmp_path / "km"
+    run("kmeans.py", "--sizes", "5000", "--ks", "20", "--niter", "3", "--methods", "ours-torch,sklearn",
+        "--out", str(stem))
+    (row,) = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert set(row["seconds"]) == {"ours-torch", "sklearn"}
+    line = next(l for l in stem.with_suffix(".md").read_text().splitlines() if l.startswith("| 5,000 | 20 |"))
+    assert "| - | - |" in line

@@ -501,7 +501,7 @@ def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
 
     try:
         preset = resolve(preset=cfg.get("preset") or "paper").to_dict()
-    except Exception:  # a preset this release does not know
+    except ValueError:  # a preset this release does not know (ConfigError)
         return []
     out = []
     for section in ("model", "cluster", "optim"):

@@ -44,11 +44,8 @@ def create_model(name: str, sobel: bool = True, num_clusters: int = 100, cluster
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; choose one of {list_models()}")
-    if cluster_feature not in DeepClusterNet.CLUSTER_FEATURES:
-        raise ValueError(f"unknown clustering feature {cluster_feature!r}; choose one of "
-                         f"{list(DeepClusterNet.CLUSTER_FEATURES)}")
     model = _REGISTRY[name](num_clusters=num_clusters, sobel=sobel, **kwargs)
-    model.cluster_feature = cluster_feature
+    model.cluster_feature = cluster_feature  # validated by the setter
     return model
 
 

@@ -49,8 +49,6 @@ class DeepClusterNet(nn.Module):
         cluster_feature: str = "fc7",
     ) -> None:
         super().__init__()
-        if cluster_feature not in self.CLUSTER_FEATURES:
-            raise ValueError(f"cluster_feature must be one of {self.CLUSTER_FEATURES}, got {cluster_feature!r}")
         self.sobel = Sobel() if sobel else nn.Identity()
         self.features = features
         self.conv_layers = dict(conv_layers)
@@ -85,6 +83,16 @@ class DeepClusterNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    @property
+    def cluster_feature(self) -> str:
+        return self._cluster_feature
+
+    @cluster_feature.setter
+    def cluster_feature(self, name: str) -> None:
+        if name not in self.CLUSTER_FEATURES:
+            raise ValueError(f"unknown clustering feature {name!r}; choose one of {list(self.CLUSTER_FEATURES)}")
+        self._cluster_feature = name
 
     @property
     def feature_dim(self) -> int:

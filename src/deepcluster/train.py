@@ -41,7 +41,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, co
 from .diagnostics import collapse_warning, recent_nmi_prev
 from .machine import machine_info
 from .metrics import nmi
-from .models import CentroidClassifier, CentroidHead, DeepClusterNet, create_model
+from .models import CentroidClassifier, CentroidHead, DeepClusterNet, model_from_meta
 from .tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
@@ -87,20 +87,16 @@ def build_training_source(cfg: Config) -> ImageSource:
     return training_source(cfg.to_dict()["data"], cfg.run.seed)
 
 
-def model_kwargs(cfg: Config, image_size: int) -> dict[str, Any]:
-    kw: dict[str, Any] = {"image_size": image_size, "dropout": cfg.model.dropout}
-    if cfg.model.width is not None:
-        if cfg.model.arch != "alexnet_small":
-            raise ValueError("model.width applies to alexnet_small only")
-        kw["width"] = cfg.model.width
-    if cfg.model.fc_dim is not None:
-        kw["fc_dim"] = cfg.model.fc_dim
-    return kw
+def arch_meta(cfg: Config, image_size: int) -> dict[str, Any]:
+    """The architecture keys of a checkpoint's ``meta`` (what :func:`model_from_meta` reads)."""
+    if cfg.model.width is not None and cfg.model.arch != "alexnet_small":
+        raise ValueError("model.width applies to alexnet_small only")
+    return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "image_size": image_size, "fc_dim": cfg.model.fc_dim,
+            "width": cfg.model.width, "cluster_feature": cfg.cluster.feature}
 
 
 def build_model(cfg: Config, image_size: int, num_clusters: int) -> DeepClusterNet:
-    return create_model(cfg.model.arch, sobel=cfg.model.sobel, num_clusters=num_clusters,
-                        cluster_feature=cfg.cluster.feature, **model_kwargs(cfg, image_size))
+    return model_from_meta(arch_meta(cfg, image_size), num_clusters, dropout=cfg.model.dropout)
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, seed: int = 0, shuffle: bool = False,
@@ -441,9 +437,8 @@ def _record_skipped(run: RunDir, source: ImageSource) -> None:
 # --------------------------------------------------------------------------- the loop
 
 def _meta(cfg: Config, num_images: int, image_size: int) -> dict[str, Any]:
-    return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "k": cfg.cluster.k, "method": cfg.cluster.method,
-            "num_images": num_images, "image_size": image_size, "fc_dim": cfg.model.fc_dim,
-            "width": cfg.model.width, "cluster_feature": cfg.cluster.feature, "data": cfg.data.name,
+    return {**arch_meta(cfg, image_size), "k": cfg.cluster.k, "method": cfg.cluster.method,
+            "num_images": num_images, "data": cfg.data.name,
             "machine": machine_info()}  # of the latest (re)start; RESUME_KEYS do not include it
 
 

@@ -89,13 +89,13 @@ def build_training_source(cfg: Config) -> ImageSource:
 
 def arch_meta(cfg: Config, image_size: int) -> dict[str, Any]:
     """The architecture keys of a checkpoint's ``meta`` (what :func:`model_from_meta` reads)."""
-    if cfg.model.width is not None and cfg.model.arch != "alexnet_small":
-        raise ValueError("model.width applies to alexnet_small only")
     return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "image_size": image_size, "fc_dim": cfg.model.fc_dim,
             "width": cfg.model.width, "cluster_feature": cfg.cluster.feature}
 
 
 def build_model(cfg: Config, image_size: int, num_clusters: int) -> DeepClusterNet:
+    if cfg.model.width is not None and cfg.model.arch != "alexnet_small":
+        raise ValueError("model.width applies to alexnet_small only")
     return model_from_meta(arch_meta(cfg, image_size), num_clusters, dropout=cfg.model.dropout)
 
 

@@ -75,6 +75,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "small-cosine": ("no dropout, crops 0.5-1 + cosine learning-rate decay",
                      ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine"]),
     "width1": ("full-width alexnet_small (width 1)", ["--width", "1"]),
+    "small-bf16": ("no dropout, crops 0.5-1, trained and extracted in bfloat16 autocast with channels_last "
+                   "(the same epochs in about half the time on an AVX512-BF16 CPU)",
+                   ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last"]),
+    "small-cosine-bf16": ("no dropout, crops 0.5-1, cosine decay, bfloat16 autocast + channels_last",
+                          ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine", "--amp", "bf16",
+                           "--channels-last"]),
 }
 
 

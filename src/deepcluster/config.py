@@ -115,7 +115,8 @@ class RunConfig:
     deterministic: bool = False
     resume: bool = False
     amp: str = "none"
-    """Mixed precision of the network: none, bf16 or fp16 (fp16 needs CUDA; uses a grad scaler)."""
+    """Mixed precision of the network: none, bf16, fp16 (needs CUDA; uses a grad scaler) or auto
+    (bf16 where the device computes it natively: recent GPUs, CPUs with AVX512-BF16/AMX)."""
     channels_last: bool = False
     """channels_last memory format for the network and its inputs (faster convolutions on GPU)."""
     sync_bn: bool = False
@@ -277,7 +278,7 @@ def validate(cfg: Config) -> None:
         (cfg.run.workers >= 0, "run.workers must be >= 0"),
         (cfg.cluster.feature_dtype in ("float32", "float16"), f"cluster.feature_dtype must be float32 or float16, got {cfg.cluster.feature_dtype!r}"),
         (cfg.cluster.pca_sample is None or cfg.cluster.pca_sample >= 2, "cluster.pca_sample must be >= 2 (or null: automatic)"),
-        (cfg.run.amp in ("none", "bf16", "fp16"), f"run.amp must be none, bf16 or fp16, got {cfg.run.amp!r}"),
+        (cfg.run.amp in ("none", "bf16", "fp16", "auto"), f"run.amp must be none, bf16, fp16 or auto, got {cfg.run.amp!r}"),
         (cfg.run.dist_timeout > 0, "run.dist_timeout must be > 0 seconds"),
         (cfg.run.device.split(":")[0] in ("cpu", "cuda"), f"run.device must be cpu or cuda, got {cfg.run.device!r}"),
         (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),

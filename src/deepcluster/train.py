@@ -8,6 +8,7 @@ continues exactly as the uninterrupted run would (bit-identical in deterministic
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -111,6 +112,27 @@ def make_loader(dataset, batch_size: int, workers: int, sampler=None, seed: int 
 # --------------------------------------------------------------------------- devices & precision
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 in hardware: a CUDA device of compute
+    capability 8 or newer, or a CPU whose oneDNN reports native bfloat16 (AVX512-BF16 or
+    AMX). Emulated bfloat16 is correct but slower than float32 on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:  # oneDNN's own check; private in torch 2.x, so a missing op counts as "no"
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``none``; other values unchanged."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "none"
 
 
 def autocast(device: torch.device, amp: str = "none"):
@@ -522,6 +544,10 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     if cfg.run.resume and not run.checkpoint.exists() and not run.config.exists():
         raise TrainingError(f"--resume given but {run.checkpoint} does not exist")
     _check_scale_options(cfg, device)
+    saved_cfg = cfg  # config.yaml keeps "auto", so a resumed run decides again on its machine
+    amp = resolve_amp(cfg.run.amp, device)
+    if amp != cfg.run.amp:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, amp=amp))
     seed_everything(cfg.run.seed)
     set_deterministic(cfg.run.deterministic)
 
@@ -579,7 +605,7 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
         records = [r for r in run.read_metrics() if r["epoch"] < start_epoch]
         if is_main_process():
             run.write_metrics(records)
-            save_yaml(cfg, run.config)
+            save_yaml(saved_cfg, run.config)
         if world_size() > 1:
             logger.info("torch.distributed: %d processes (%s); global batch %d", world_size(),
                         "nccl" if device.type == "cuda" else "gloo", cfg.optim.batch_size)
@@ -587,6 +613,9 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
                       f"PIC sigma={cfg.cluster.pic_sigma:g}, {cfg.cluster.pic_neighbors} neighbours")
         logger.info("DeepCluster %s: %s at %d px on %d images (%s, %s), epochs %d..%d, device %s", __version__,
                     cfg.model.arch, spec.size, n, cfg.data.name, clustering, start_epoch, cfg.optim.epochs - 1, device)
+        if saved_cfg.run.amp == "auto":
+            logger.info("--amp auto: %s on this %s", "bf16" if amp == "bf16" else "float32 (no native bfloat16)",
+                        device.type.upper())
         last: dict[str, Any] = records[-1] if records else {}
         with _graceful_stop(run) as stop:
             for epoch in range(start_epoch, cfg.optim.epochs):

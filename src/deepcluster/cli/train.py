@@ -99,10 +99,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-every", type=int, help="kNN probe on a held-out part every N epochs")
     g.add_argument("--tensorboard", action="store_const", const=True, help="write TensorBoard scalars and images")
     g = p.add_argument_group("scale-out (launch with torchrun --nproc-per-node G -m deepcluster train ...)")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"],
-                   help="mixed precision (bf16 recommended on recent GPUs; fp16 needs CUDA and uses a grad scaler)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"],
+                   help="mixed precision: bf16 (about 2x faster on CPUs with AVX512-BF16, and on recent GPUs), fp16 "
+                        "(CUDA only, with a grad scaler), auto (bf16 where native, else float32)")
     g.add_argument("--channels-last", action="store_const", const=True,
-                   help="channels_last memory format (faster convolutions on GPU)")
+                   help="channels_last memory format (faster convolutions on GPU and CPU)")
     g.add_argument("--sync-bn", action="store_const", const=True,
                    help="synchronise batch-norm statistics across GPUs (CUDA only; helps with small per-GPU batches)")
     g.add_argument("--dist-timeout", type=float,

@@ -53,3 +53,15 @@ def test_kmeans_benchmark_with_a_subset_of_methods(tmp_path):
     assert set(row["seconds"]) == {"ours-torch", "sklearn"}
     line = next(l for l in stem.with_suffix(".md").read_text().splitlines() if l.startswith("| 5,000 | 20 |"))
     assert "| - | - |" in line
+
+
+def test_cpu_precision_benchmark_runs_and_compares_with_float32(tmp_path):
+    stem = tmp_path / "prec"
+    run("cpu_precision.py", "--rounds", "1", "--steps", "1", "--batch", "8", "--out", str(stem))
+    r = json.loads(stem.with_suffix(".json").read_text())
+    names = ["float32", "float32 + channels_last", "bf16", "bf16 + channels_last"]
+    assert list(r["median_s"]) == names and all(r["median_s"][n]["train"] > 0 for n in names)
+    assert r["cosine_min"]["float32"] == pytest.approx(1.0, abs=1e-6)  # the reference against itself
+    assert r["cosine_min"]["float32 + channels_last"] > 0.9999  # same arithmetic, another memory layout
+    assert 0.99 < r["cosine_min"]["bf16"] < 1.0
+    assert "| bf16 + channels_last |" in stem.with_suffix(".md").read_text()

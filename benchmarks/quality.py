@@ -496,7 +496,7 @@ def fmt_machine(m: Any) -> str:
 
 def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
     """What a run's settings change from its preset, e.g. ``["PIC", "lr_schedule cosine"]``
-    (model, clustering and optimisation keys; the epochs are reported separately)."""
+    (model, clustering and optimisation keys, and ``run.amp``; the epochs are reported separately)."""
     from deepcluster.config import resolve
 
     try:
@@ -511,6 +511,9 @@ def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
             if isinstance(value, list) and list(preset[section].get(key) or []) == value:
                 continue
             out.append("PIC" if (section, key, value) == ("cluster", "method", "pic") else f"{key} {value}")
+    amp = cfg.get("run", {}).get("amp", "none")
+    if amp != preset["run"]["amp"]:  # the network's arithmetic, though a run-section key
+        out.append(f"amp {amp}")
     return out
 
 

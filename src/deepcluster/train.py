@@ -720,6 +720,7 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         "epoch_s": time.perf_counter() - t0,
         "images_per_s": stats["images_per_s"],
         "lr": lr,
+        "amp": cfg.run.amp,  # as resolved for this machine (config.yaml may say auto)
         "_assignments": assignments,
         "_checkpoint_extra": {"pca": res["pca"].state_dict(), "centroids": torch.from_numpy(res["centroids"]),
                               "cluster_model": cluster_model},

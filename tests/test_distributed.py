@@ -333,3 +333,28 @@ def test_torchrun_two_processes_train_two_epochs_and_resume_on_two_and_on_one(ti
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
     assert not (one / "run.lock").exists() and not (out / "run.lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("option", [["--clusterings", "2"], ["--head", "centroids"]])
+def test_torchrun_trains_the_epochs_own_classifier(tiny_mnist_root, tmp_path, option):
+    """Under DistributedDataParallel the wrapped module is the epoch's classifier: the
+    extra heads of several clusterings, or the centroid head, which leaves the linear
+    head at its initialisation (it was once the bare model, whose linear head trained)."""
+    from deepcluster.train import epoch_seed
+
+    out = tmp_path / "ddp"
+    p = _torchrun(2, "--data-root", str(tiny_mnist_root), "--output-dir", str(out), "--k", "6", "--pca-dim", "8",
+                  "--width", "0.25", "--fc-dim", "64", "--epochs", "1", "--batch-size", "64", "--workers", "0",
+                  "--dist-timeout", "60", *option)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = load_checkpoint(out)
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    model = create_model("alexnet_small", num_clusters=6, image_size=28, width=0.25, fc_dim=64)
+    model.reset_head(6, generator=torch.Generator().manual_seed(epoch_seed(0, 0, 3)))
+    untouched = torch.equal(state["model"]["head.weight"], model.head.weight.detach())
+    if option[0] == "--head":
+        assert untouched
+    else:
+        assert not untouched and 0 <= record["nmi_clusterings"] <= 1

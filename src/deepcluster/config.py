@@ -65,6 +65,10 @@ class ClusterConfig:
     pca_dim: int = 256
     whiten: bool = True
     niter: int = 20
+    clusterings: int = 1
+    """k-means runs per epoch on the same features, each with its own seed and its own new
+    head; the loss is the mean over heads (DeepCluster-v2's several clusterings). The
+    first is the run's clustering (sampler, metrics, checkpoint)."""
     backend: str = "faiss"
     """k-means backend: faiss, faiss-gpu or torch."""
     feature: str = "fc7"
@@ -258,6 +262,11 @@ def validate(cfg: Config) -> None:
         (cfg.cluster.k >= 1, "cluster.k must be >= 1"),
         (cfg.cluster.pca_dim >= 1, "cluster.pca_dim must be >= 1"),
         (cfg.cluster.niter >= 1, "cluster.niter must be >= 1"),
+        (cfg.cluster.clusterings >= 1, "cluster.clusterings must be >= 1"),
+        (cfg.cluster.clusterings == 1 or cfg.cluster.method == "kmeans",
+         "cluster.clusterings > 1 needs cluster.method kmeans (PIC has no seed to vary)"),
+        (cfg.cluster.clusterings == 1 or cfg.optim.head == "random",
+         "cluster.clusterings > 1 needs optim.head random (one new linear head per clustering)"),
         (cfg.cluster.method in ("kmeans", "pic"), f"cluster.method must be kmeans or pic, got {cfg.cluster.method!r}"),
         (cfg.cluster.backend in ("faiss", "faiss-gpu", "torch"), f"cluster.backend must be faiss, faiss-gpu or torch, got {cfg.cluster.backend!r}"),
         (cfg.cluster.pic_sigma > 0, "cluster.pic_sigma must be > 0"),

@@ -19,12 +19,13 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -42,7 +43,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, co
 from .diagnostics import collapse_warning, recent_nmi_prev
 from .machine import machine_info
 from .metrics import nmi
-from .models import CentroidClassifier, CentroidHead, DeepClusterNet, model_from_meta
+from .models import CentroidClassifier, CentroidHead, DeepClusterNet, MultiHeadClassifier, model_from_meta
 from .tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
@@ -292,12 +293,28 @@ def cluster_reduced(x: np.ndarray, indices: np.ndarray, num_images: int, cfg: Co
     return out
 
 
+def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the pseudo-labels.
+
+    One clustering: ``logits`` ``(B, k)``, ``targets`` ``(B,)``, ``class_weights`` ``(k,)``.
+    Several (``cluster.clusterings``): ``(H, B, k)``, ``(B, H)`` and ``(H, k)``; the loss is
+    the mean over the H heads of each head's cross-entropy on its clustering.
+    """
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets, weight=class_weights)
+    return torch.stack([F.cross_entropy(logits[j], targets[:, j], weight=None if class_weights is None
+                                        else class_weights[j]) for j in range(targets.shape[1])]).mean()
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, head_optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, class_weights: torch.Tensor | None = None,
                     amp: str = "none", channels_last: bool = False,
                     scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One pass of cross-entropy on the pseudo-labels; returns averaged stats.
+    """One pass of cross-entropy on the pseudo-labels (``(N,)``, or ``(N, H)`` for H
+    clusterings with a model returning ``(H, B, k)``: :func:`pseudo_label_loss`);
+    returns averaged stats.
 
     ``model`` may be wrapped in ``DistributedDataParallel`` (the loader then yields this
     rank's share); loss and image counts are summed over ranks. ``scaler`` is needed
@@ -307,7 +324,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.T
         NonFiniteLossError: the loss became NaN or Inf (naming epoch and step).
     """
     model.train()
-    criterion = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device))
+    weights = None if class_weights is None else class_weights.to(device)
     total, count = 0.0, 0
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=None if is_main_process() else True)
@@ -315,7 +332,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.T
         images = to_device(images, device, channels_last)
         targets = pseudo_labels[idx].to(device, non_blocking=True)
         with autocast(device, amp):
-            loss = criterion(model(images), targets)
+            loss = pseudo_label_loss(model(images), targets, weights)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch} step {step}; the last good checkpoint is kept; "
@@ -477,8 +494,10 @@ def epoch_lr(cfg: Config, epoch: int) -> float:
     return cfg.optim.lr
 
 
-def build_head_optimizer(model: DeepClusterNet, cfg: Config, lr: float | None = None) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.head.parameters(), lr=cfg.optim.lr if lr is None else lr,
+def build_head_optimizer(model: DeepClusterNet, cfg: Config, lr: float | None = None,
+                         extra_heads: Sequence[nn.Module] = ()) -> torch.optim.Optimizer:
+    params = [p for head in (model.head, *extra_heads) for p in head.parameters()]
+    return torch.optim.SGD(params, lr=cfg.optim.lr if lr is None else lr,
                            momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
@@ -670,7 +689,13 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     cluster_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
 
     # 3. Clustering (k-means sharded over ranks), assignments of every image.
-    res = cluster_reduced(red.pop("x"), red["indices"], n, cfg, cluster_seed, device)
+    x = red.pop("x")
+    res = cluster_reduced(x, red["indices"], n, cfg, cluster_seed, device)
+    # Further k-means runs on the same features, each from its own seed (DeepCluster-v2).
+    others = [cluster_reduced(x, red["indices"], n, cfg, epoch_seed(cfg.run.seed, epoch, 10 + j), device)
+              for j in range(1, cfg.cluster.clusterings)]
+    del x
+    res["cluster_s"] += sum(o["cluster_s"] for o in others)
     res["pca"], res["pca_s"] = red["pca"], red["pca_s"]
     assignments = res["assignments"]
     num_clusters = int(assignments.max()) + 1 if cfg.cluster.method == "pic" else cfg.cluster.k
@@ -679,14 +704,19 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     # 4-5. Pseudo-labels, a new head, one epoch of training.
     gen = torch.Generator().manual_seed(epoch_seed(cfg.run.seed, epoch, 3))
     model.reset_head(num_clusters, generator=gen)
+    extra_heads = [model.new_head(num_clusters, generator=gen) for _ in others]
     lr = epoch_lr(cfg, epoch)
     for group in optimizer.param_groups:  # a function of the epoch: a resumed run gets the same
         group["lr"] = lr
-    head_optimizer = build_head_optimizer(model, cfg, lr)
+    head_optimizer = build_head_optimizer(model, cfg, lr, extra_heads)
     balanced = cfg.optim.balance == "sampler"
     sampler = ClusterBalancedSampler(assignments, seed=epoch_seed(cfg.run.seed, epoch, 4), balanced=balanced,
                                      rank=rank(), world_size=world_size())
-    weights = inverse_size_weights(assignments, num_clusters) if cfg.optim.balance == "weight" else None
+    targets = np.stack([assignments] + [o["assignments"] for o in others], 1) if others else assignments
+    weights = None
+    if cfg.optim.balance == "weight":
+        weights = torch.stack([inverse_size_weights(t, num_clusters) for t in targets.T]) if others else \
+            inverse_size_weights(assignments, num_clusters)
     train_loader = make_loader(train_ds, per_rank_batch_size(bs, world_size()), workers, sampler=sampler,
                                seed=epoch_seed(cfg.run.seed, epoch, 5) + rank())
     net: nn.Module = model
@@ -694,9 +724,11 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         pca = res["pca"]
         head = CentroidHead(pca.mean, pca.projection, res["centroids"], cfg.optim.temperature).to(device)
         net = CentroidClassifier(model, head)
+    if extra_heads:
+        net = MultiHeadClassifier(model, extra_heads)
     if is_distributed():  # re-wrapped every epoch: the head is a new layer
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stats = train_one_epoch(net, train_loader, torch.from_numpy(assignments), optimizer, head_optimizer,
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    stats = train_one_epoch(net, train_loader, torch.from_numpy(targets), optimizer, head_optimizer,
                             device, epoch, weights, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
                             scaler=scaler)
     del net
@@ -707,6 +739,8 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         "clustering_loss": res["loss"],
         "nmi_prev": nmi(history[-1], assignments) if len(history) else None,
         "nmi_labels": nmi(labels, assignments) if labels is not None else None,
+        # agreement of the epoch's k-means runs with the first (several clusterings only)
+        "nmi_clusterings": float(np.mean([nmi(assignments, o["assignments"]) for o in others])) if others else None,
         "num_clusters": num_clusters,
         "cluster_size_min": int(sizes.min()),
         "cluster_size_median": float(np.median(sizes)),

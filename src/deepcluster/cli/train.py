@@ -21,6 +21,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "clustering": ("cluster", "method"), "k": ("cluster", "k"), "pca_dim": ("cluster", "pca_dim"),
     "kmeans": ("cluster", "backend"), "kmeans_iters": ("cluster", "niter"), "pca_sample": ("cluster", "pca_sample"),
     "pic_sigma": ("cluster", "pic_sigma"), "cluster_feature": ("cluster", "feature"),
+    "clusterings": ("cluster", "clusterings"),
     "epochs": ("optim", "epochs"), "batch_size": ("optim", "batch_size"), "lr": ("optim", "lr"),
     "lr_schedule": ("optim", "lr_schedule"), "momentum": ("optim", "momentum"), "weight_decay": ("optim", "weight_decay"), "balance": ("optim", "balance"),
     "output_dir": ("run", "output_dir"), "device": ("run", "device"), "seed": ("run", "seed"),
@@ -64,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="what is clustered: fc7 (paper) or backbone (the conv stack output, fc6's input)")
     g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
     g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
+    g.add_argument("--clusterings", type=int, help="k-means runs per epoch (own seed, own new head each; the loss "
+                   "averages the heads: DeepCluster-v2). Default 1 (paper)")
     g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all when N x fc_dim floats "
                    "fit in 1 GB, else max(20 x fc_dim, 50000)); the rest are projected batch by batch")
     g.add_argument("--feature-dtype", choices=["float32", "float16"],

@@ -11,7 +11,7 @@ from typing import Any
 
 from .alexnet import alexnet, alexnet_small
 from .centroid_head import CentroidClassifier, CentroidHead
-from .convnet import DeepClusterNet
+from .convnet import DeepClusterNet, MultiHeadClassifier
 from .sobel import Sobel
 from .vgg import vgg16
 
@@ -60,5 +60,5 @@ def model_from_meta(meta: dict[str, Any], num_clusters: int, dropout: float = 0.
                         cluster_feature=meta.get("cluster_feature") or "fc7", **kwargs)
 
 
-__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "Sobel", "create_model", "list_models", "model_from_meta",
+__all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "MultiHeadClassifier", "Sobel", "create_model", "list_models", "model_from_meta",
            "register_model", "alexnet", "alexnet_small", "vgg16"]

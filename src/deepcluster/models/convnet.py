@@ -103,13 +103,9 @@ class DeepClusterNet(nn.Module):
     def num_clusters(self) -> int:
         return self.head.out_features
 
-    def reset_head(self, num_clusters: int, generator: torch.Generator | None = None) -> None:
-        """Replace the head by a fresh ``fc_dim -> num_clusters`` linear layer.
-
-        Weights N(0, 0.01), bias 0 (paper: a new classifier every epoch, since the
-        cluster indices of two epochs are unrelated). The parameters are new objects,
-        so optimisers holding the old head must be rebuilt.
-        """
+    def new_head(self, num_clusters: int, generator: torch.Generator | None = None) -> nn.Linear:
+        """A fresh ``fc_dim -> num_clusters`` linear layer on the model's device: weights
+        N(0, 0.01), bias 0 (the paper's initialisation of the classifier)."""
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
         p = next(self.classifier.parameters())
@@ -118,7 +114,14 @@ class DeepClusterNet(nn.Module):
             w = torch.randn(head.weight.shape, generator=generator, dtype=p.dtype) * 0.01
             head.weight.copy_(w.to(p.device))
             head.bias.zero_()
-        self.head = head
+        return head
+
+    def reset_head(self, num_clusters: int, generator: torch.Generator | None = None) -> None:
+        """Replace the head by :meth:`new_head` (paper: a new classifier every epoch,
+        since the cluster indices of two epochs are unrelated). The parameters are new
+        objects, so optimisers holding the old head must be rebuilt.
+        """
+        self.head = self.new_head(num_clusters, generator)
 
     def forward_conv(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """ReLU'd activations of the named conv layers: name -> ``(B, C_l, H_l, W_l)``."""
@@ -187,3 +190,20 @@ def output_shape(features: nn.Module, in_channels: int, image_size: int) -> tupl
         raise ValueError(f"image_size {image_size} is too small for this architecture; use a larger "
                          "--image-size or --arch alexnet_small")
     return tuple(out.shape[1:])  # type: ignore[return-value]
+
+
+class MultiHeadClassifier(nn.Module):
+    """``model`` (shared, not copied) with ``model.head`` and further heads on the same
+    fc7: what is trained in an epoch with several clusterings (``cluster.clusterings``).
+
+    ``forward`` returns ``(H, B, k)`` logits, head ``j`` scoring clustering ``j``.
+    """
+
+    def __init__(self, model: DeepClusterNet, extra_heads: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.extra_heads = nn.ModuleList(extra_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.model.forward_fc7(x))  # what forward_head feeds its head
+        return torch.stack([head(h) for head in (self.model.head, *self.extra_heads)])

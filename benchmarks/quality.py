@@ -497,21 +497,24 @@ def fmt_machine(m: Any) -> str:
 def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
     """What a run's settings change from its preset, e.g. ``["PIC", "lr_schedule cosine"]``
     (model, clustering and optimisation keys, and ``run.amp``; the epochs are reported separately)."""
-    from deepcluster.config import resolve
+    from deepcluster.config import Config, resolve
 
     try:
         preset = resolve(preset=cfg.get("preset") or "paper").to_dict()
     except ValueError:  # a preset this release does not know (ConfigError)
         return []
+    # A key missing from an older run's config is an option added since: the run had its
+    # default (the paper's behaviour), which may differ from today's preset.
+    defaults = Config().to_dict()
     out = []
     for section in ("model", "cluster", "optim"):
-        for key, value in cfg.get(section, {}).items():
+        for key, value in {**defaults[section], **cfg.get(section, {})}.items():
             if key == "epochs" or preset[section].get(key) == value:
                 continue
             if isinstance(value, list) and list(preset[section].get(key) or []) == value:
                 continue
             out.append("PIC" if (section, key, value) == ("cluster", "method", "pic") else f"{key} {value}")
-    amp = cfg.get("run", {}).get("amp", "none")
+    amp = cfg.get("run", {}).get("amp", defaults["run"]["amp"])
     if amp != preset["run"]["amp"]:  # the network's arithmetic, though a run-section key
         out.append(f"amp {amp}")
     return out

@@ -89,3 +89,7 @@ def test_a_row_is_named_by_what_the_run_changes_from_its_preset(quality):
         "optim": {"balance": "weight", "epochs": 3, "crop_scale": [0.5, 1.0]},
         "cluster": {"method": "pic", "feature": "backbone"}, "run": {"amp": "fp16", "workers": 0}}).to_dict()
     assert sorted(quality.changes_from_preset(changed)) == ["PIC", "amp fp16", "balance weight", "feature backbone"]
+    # a run from before an option existed had its default, which the row must name
+    old = resolve(preset="small-images").to_dict()
+    del old["optim"]["lr_schedule"], old["run"]["amp"]
+    assert sorted(quality.changes_from_preset(old)) == ["amp none", "lr_schedule constant"]

@@ -84,3 +84,19 @@ def test_a_run_with_three_clusterings_trains_every_head(tiny_mnist_root, tmp_pat
     assert all(0.0 <= r["nmi_clusterings"] <= 1.0 and np.isfinite(r["convnet_loss"]) for r in records)
     model, state = load_model(run)  # the checkpoint holds the first clustering's head only
     assert model.num_clusters == 10 and not any(k.startswith("extra_heads") for k in state["model"])
+
+
+def test_one_clustering_with_loss_weights_trains_on_a_k_vector(tiny_mnist_root, tmp_path, monkeypatch):
+    import deepcluster.train as train_mod
+
+    real_loss = train_mod.pseudo_label_loss
+    shapes = []
+
+    def loss_spy(logits, targets, weights=None):
+        shapes.append((tuple(logits.shape), tuple(targets.shape), tuple(weights.shape)))
+        return real_loss(logits, targets, weights)
+
+    monkeypatch.setattr(train_mod, "pseudo_label_loss", loss_spy)
+    train_tiny(tiny_mnist_root, tmp_path / "run", optim={"balance": "weight", "epochs": 1})
+    logits_shape, target_shape, weight_shape = shapes[0]
+    assert len(logits_shape) == 2 and logits_shape[1] == 10 and len(target_shape) == 1 and weight_shape == (10,)

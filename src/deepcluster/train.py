@@ -714,9 +714,9 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
                                      rank=rank(), world_size=world_size())
     targets = np.stack([assignments] + [o["assignments"] for o in others], 1) if others else assignments
     weights = None
-    if cfg.optim.balance == "weight":
-        weights = torch.stack([inverse_size_weights(t, num_clusters) for t in targets.T]) if others else \
-            inverse_size_weights(assignments, num_clusters)
+    if cfg.optim.balance == "weight":  # (k,) for one clustering, (H, k) for several
+        weights = torch.stack([inverse_size_weights(t, num_clusters) for t in targets.reshape(n, -1).T])
+        weights = weights if others else weights[0]
     train_loader = make_loader(train_ds, per_rank_batch_size(bs, world_size()), workers, sampler=sampler,
                                seed=epoch_seed(cfg.run.seed, epoch, 5) + rank())
     net: nn.Module = model

@@ -37,6 +37,16 @@ SETTINGS = [("float32", "none", False), ("float32 + channels_last", "none", True
             ("bf16", "bf16", False), ("bf16 + channels_last", "bf16", True)]
 
 
+def seconds_per_call(fn, steps: int):
+    """Mean seconds of ``steps`` calls of ``fn`` after one untimed warm-up call (oneDNN
+    picks and caches its kernels on the first); the last call's result."""
+    out = fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn()
+    return (time.perf_counter() - t0) / steps, out
+
+
 def time_setting(amp: str, channels_last: bool, x: torch.Tensor, y: torch.Tensor, steps: int,
                  state: dict) -> tuple[float, float, torch.Tensor]:
     """Seconds per training step and per feature forward; the features of ``x``."""
@@ -47,25 +57,24 @@ def time_setting(amp: str, channels_last: bool, x: torch.Tensor, y: torch.Tensor
     model = model.to(memory_format=fmt)
     xs = x.contiguous(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    for i in range(steps + 1):  # the first step warms oneDNN's kernel cache up and is not timed
-        if i == 1:
-            t0 = time.perf_counter()
+
+    def train_step() -> None:
         with autocast(cpu, amp):
             loss = torch.nn.functional.cross_entropy(model(xs), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    train_s = (time.perf_counter() - t0) / steps
-    model.load_state_dict(state)
+
+    def features() -> torch.Tensor:
+        with torch.no_grad(), autocast(cpu, amp):
+            return model.forward_features(xs)
+
+    model.train()
+    train_s, _ = seconds_per_call(train_step, steps)
+    model.load_state_dict(state)  # the features of the same weights in every setting
     model.eval()
-    with torch.no_grad():
-        for i in range(steps + 1):
-            if i == 1:
-                t0 = time.perf_counter()
-            with autocast(cpu, amp):
-                feats = model.forward_features(xs)
-    return train_s, (time.perf_counter() - t0) / steps, feats.float()
+    forward_s, feats = seconds_per_call(features, steps)
+    return train_s, forward_s, feats.float()
 
 
 def main(argv: list[str] | None = None) -> int:

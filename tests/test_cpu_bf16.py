@@ -3,6 +3,7 @@ the mixed-precision network computes what the float32 one computes, to bfloat16'
 precision, and ``auto`` picks bfloat16 only where the device has it natively."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,9 +33,10 @@ def test_auto_follows_the_devices_native_support(monkeypatch):
 
 
 def test_native_bf16_on_cpu_matches_the_cpu_flags():
-    flags = open("/proc/cpuinfo").read().split() if __import__("os").path.exists("/proc/cpuinfo") else None
-    if flags is None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to compare with")
+    flags = cpuinfo.read_text().split()
     has = "avx512_bf16" in flags or "amx_bf16" in flags
     assert native_bf16(CPU) == has
 

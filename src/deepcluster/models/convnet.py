@@ -160,9 +160,10 @@ class DeepClusterNet(nn.Module):
         """fc7 before its ReLU, whatever is clustered: ``(B, 3, H, W) -> (B, fc_dim)``."""
         return self.classifier(torch.flatten(self.forward_backbone(x), 1))
 
-    def forward_head(self, fc7: torch.Tensor) -> torch.Tensor:
-        """Logits over clusters from ``forward_fc7``' output: ``(B, fc_dim) -> (B, k)``."""
-        return self.head(torch.relu(fc7))
+    def forward_head(self, fc7: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """Logits over clusters from ``forward_fc7``' output: ``(B, fc_dim) -> (B, k)``,
+        by ``self.head`` or another head on the same fc7 (several clusterings)."""
+        return (self.head if head is None else head)(torch.relu(fc7))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_fc7(x))
@@ -205,5 +206,5 @@ class MultiHeadClassifier(nn.Module):
         self.extra_heads = nn.ModuleList(extra_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.model.forward_fc7(x))  # what forward_head feeds its head
-        return torch.stack([head(h) for head in (self.model.head, *self.extra_heads)])
+        fc7 = self.model.forward_fc7(x)
+        return torch.stack([self.model.forward_head(fc7, head) for head in (self.model.head, *self.extra_heads)])

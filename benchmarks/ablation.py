@@ -84,6 +84,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "small-bf16-clusterings3": ("small-bf16 + 3 k-means per epoch (own seeds), one head each, loss averaged "
                                 "(DeepCluster-v2)", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16",
                                                      "--channels-last", "--clusterings", "3"]),
+    "small-bf16-width1": ("small-bf16 with the full-width alexnet_small (width 1: twice the channels)",
+                          ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last",
+                           "--width", "1"]),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

@@ -37,6 +37,11 @@ SETTINGS = [("float32", "none", False), ("float32 + channels_last", "none", True
             ("bf16", "bf16", False), ("bf16 + channels_last", "bf16", True)]
 
 
+def preset_model():
+    """The presets' ``alexnet_small`` at 28 px without dropout, k = 100 head."""
+    return build_model(resolve(overrides={"model": {"dropout": 0.0}}), 28, 100)
+
+
 def seconds_per_call(fn, steps: int):
     """Mean seconds of ``steps`` calls of ``fn`` after one untimed warm-up call (oneDNN
     picks and caches its kernels on the first); the last call's result."""
@@ -51,7 +56,7 @@ def time_setting(amp: str, channels_last: bool, x: torch.Tensor, y: torch.Tensor
                  state: dict) -> tuple[float, float, torch.Tensor]:
     """Seconds per training step and per feature forward; the features of ``x``."""
     cpu = torch.device("cpu")
-    model = build_model(resolve(overrides={"model": {"dropout": 0.0}}), 28, 100)
+    model = preset_model()
     model.load_state_dict(state)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.rand(args.batch, 3, 28, 28, generator=gen)
     y = torch.randint(0, 100, (args.batch,), generator=gen)
     torch.manual_seed(0)
-    state = build_model(resolve(overrides={"model": {"dropout": 0.0}}), 28, 100).state_dict()
+    state = preset_model().state_dict()
     times: dict[str, dict[str, list[float]]] = {name: {"train": [], "forward": []} for name, _, _ in SETTINGS}
     feats: dict[str, torch.Tensor] = {}
     for r in range(args.rounds):

@@ -509,9 +509,7 @@ def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
     out = []
     for section in ("model", "cluster", "optim"):
         for key, value in {**defaults[section], **cfg.get(section, {})}.items():
-            if key == "epochs" or preset[section].get(key) == value:
-                continue
-            if isinstance(value, list) and list(preset[section].get(key) or []) == value:
+            if key == "epochs" or preset[section].get(key) == value:  # to_dict gives lists, as YAML does
                 continue
             out.append("PIC" if (section, key, value) == ("cluster", "method", "pic") else f"{key} {value}")
     amp = cfg.get("run", {}).get("amp", defaults["run"]["amp"])

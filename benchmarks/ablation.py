@@ -87,6 +87,20 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "small-bf16-width1": ("small-bf16 with the full-width alexnet_small (width 1: twice the channels)",
                           ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last",
                            "--width", "1"]),
+    "small-bf16-centroids": ("small-bf16 + the DeepCluster-v2 centroid head (cosine to the fixed centroids / 0.1)",
+                             ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last",
+                              "--head", "centroids"]),
+    "small-bf16-centroids-nowhiten": ("small-bf16-centroids with PCA not whitened (DeepCluster-v2 does not whiten)",
+                                      ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16",
+                                       "--channels-last", "--head", "centroids", "--no-whiten"]),
+    "small-bf16-projection": ("small-bf16 + k-means on a trained 128-d projection of ReLU(fc7), L2-normalised, "
+                              "read by the new random head / 0.1 (DeepCluster-v2); NMI and kNN columns score the "
+                              "projection", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16",
+                                             "--channels-last", "--cluster-feature", "projection"]),
+    "small-bf16-projection-centroids": ("small-bf16-projection with the centroid head (DeepCluster-v2's whole "
+                                        "classifier)", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp",
+                                                        "bf16", "--channels-last", "--cluster-feature", "projection",
+                                                        "--head", "centroids"]),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

@@ -41,7 +41,7 @@ def test_unknown_cluster_feature_and_centroid_head_are_refused():
         create_model("alexnet_small", image_size=28, cluster_feature="conv3")
     with pytest.raises(ConfigError, match="cluster.feature"):
         resolve(overrides={"cluster": {"feature": "conv3"}})
-    with pytest.raises(ConfigError, match="needs cluster.feature fc7"):
+    with pytest.raises(ConfigError, match="not cluster.feature backbone"):
         resolve(overrides={"cluster": {"feature": "backbone"}, "optim": {"head": "centroids"}})
 
 

@@ -143,7 +143,7 @@ def _release(version: Any) -> tuple[str, ...]:
     return tuple(str(version).split(".")[:2])
 
 
-META_DEFAULTS = {"cluster_feature": "fc7"}
+META_DEFAULTS = {"cluster_feature": "fc7", "projection_dim": None}
 """Values of ``meta`` keys that checkpoints written before the key existed had."""
 
 

@@ -54,6 +54,8 @@ class ModelConfig:
     """alexnet_small only: channel multiplier of the paper's widths (default 0.5)."""
     fc_dim: int | None = None
     """Width of fc6/fc7 (default: 4096 for alexnet/vgg16, 1024 for alexnet_small)."""
+    projection_dim: int = 128
+    """Width of the L2-normalised projection of ReLU(fc7) (only with ``cluster.feature: projection``)."""
 
 
 @dataclass
@@ -72,8 +74,10 @@ class ClusterConfig:
     backend: str = "faiss"
     """k-means backend: faiss, faiss-gpu or torch."""
     feature: str = "fc7"
-    """What is clustered: fc7 (paper, before its ReLU) or backbone (the flattened conv
-    stack output, fc6's input); the pseudo-labels train fc6 -> fc7 -> head either way."""
+    """What is clustered: fc7 (paper, before its ReLU), backbone (the flattened conv
+    stack output, fc6's input) or projection (DeepCluster-v2: a linear layer on ReLU(fc7),
+    ``model.projection_dim`` wide, L2-normalised, which the head then reads); the
+    pseudo-labels train fc6 -> fc7 (-> projection) -> head."""
     pca_sample: int | None = None
     """Images used to fit the PCA (default: all when N x fc_dim floats fit in 1 GB, else
     max(20 x fc_dim, 50,000) random images; see docs/SCALE.md)."""
@@ -107,7 +111,7 @@ class OptimConfig:
     """random (paper: a new linear classifier every epoch) or centroids (DeepCluster-v2:
     cosine similarity to this epoch's centroids, fixed, over ``temperature``)."""
     temperature: float = 0.1
-    """Softmax temperature of ``head: centroids``."""
+    """Softmax temperature of ``head: centroids``, and of the random head on a projection."""
 
 
 @dataclass
@@ -281,9 +285,11 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.affine <= 4, "optim.affine must be in [0, 4]"),
         (0 <= cfg.optim.erasing <= 1, "optim.erasing must be in [0, 1]"),
         (cfg.optim.head in ("random", "centroids"), "optim.head must be random or centroids"),
-        (cfg.cluster.feature in ("fc7", "backbone"), f"cluster.feature must be fc7 or backbone, got {cfg.cluster.feature!r}"),
-        (cfg.optim.head == "random" or cfg.cluster.feature == "fc7",
-         "optim.head centroids scores fc7 against the centroids: it needs cluster.feature fc7"),
+        (cfg.cluster.feature in ("fc7", "backbone", "projection"),
+         f"cluster.feature must be fc7, backbone or projection, got {cfg.cluster.feature!r}"),
+        (cfg.optim.head == "random" or cfg.cluster.feature != "backbone",
+         "optim.head centroids scores fc7 or the projection against the centroids: not cluster.feature backbone"),
+        (cfg.model.projection_dim >= 1, "model.projection_dim must be >= 1"),
         (cfg.optim.temperature > 0, "optim.temperature must be > 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.run.workers >= 0, "run.workers must be >= 0"),

@@ -92,13 +92,16 @@ def build_training_source(cfg: Config) -> ImageSource:
 def arch_meta(cfg: Config, image_size: int) -> dict[str, Any]:
     """The architecture keys of a checkpoint's ``meta`` (what :func:`model_from_meta` reads)."""
     return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "image_size": image_size, "fc_dim": cfg.model.fc_dim,
-            "width": cfg.model.width, "cluster_feature": cfg.cluster.feature}
+            "width": cfg.model.width, "cluster_feature": cfg.cluster.feature,
+            "projection_dim": cfg.model.projection_dim if cfg.cluster.feature == "projection" else None}
 
 
 def build_model(cfg: Config, image_size: int, num_clusters: int) -> DeepClusterNet:
     if cfg.model.width is not None and cfg.model.arch != "alexnet_small":
         raise ValueError("model.width applies to alexnet_small only")
-    return model_from_meta(arch_meta(cfg, image_size), num_clusters, dropout=cfg.model.dropout)
+    model = model_from_meta(arch_meta(cfg, image_size), num_clusters, dropout=cfg.model.dropout)
+    model.head_temperature = cfg.optim.temperature
+    return model
 
 
 def make_loader(dataset, batch_size: int, workers: int, sampler=None, seed: int = 0, shuffle: bool = False,
@@ -501,7 +504,8 @@ def build_head_optimizer(model: DeepClusterNet, cfg: Config, lr: float | None = 
                            momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
-RESUME_KEYS = ("arch", "sobel", "k", "method", "num_images", "image_size", "fc_dim", "width", "cluster_feature")
+RESUME_KEYS = ("arch", "sobel", "k", "method", "num_images", "image_size", "fc_dim", "width", "cluster_feature",
+               "projection_dim")
 
 
 def restore(state: dict[str, Any], model: DeepClusterNet, optimizer: torch.optim.Optimizer,

@@ -18,6 +18,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "data": ("data", "name"), "data_root": ("data", "root"), "split": ("data", "split"),
     "image_size": ("data", "image_size"), "subset": ("data", "subset"),
     "arch": ("model", "arch"), "sobel": ("model", "sobel"), "width": ("model", "width"), "fc_dim": ("model", "fc_dim"),
+    "projection_dim": ("model", "projection_dim"),
     "clustering": ("cluster", "method"), "k": ("cluster", "k"), "pca_dim": ("cluster", "pca_dim"),
     "kmeans": ("cluster", "backend"), "kmeans_iters": ("cluster", "niter"), "pca_sample": ("cluster", "pca_sample"),
     "pic_sigma": ("cluster", "pic_sigma"), "cluster_feature": ("cluster", "feature"),
@@ -55,14 +56,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--width", type=float, help="alexnet_small channel multiplier (default 0.5)")
     g.add_argument("--fc-dim", type=int, help="width of fc6/fc7")
     g.add_argument("--dropout", type=float, help="dropout before fc6 and fc7 (paper: 0.5)")
+    g.add_argument("--projection-dim", type=int,
+                   help="width of the L2-normalised projection of --cluster-feature projection (default 128)")
     g = p.add_argument_group("clustering")
     g.add_argument("--clustering", choices=["kmeans", "pic"], help="kmeans (default) or pic")
     g.add_argument("--k", type=int, help="number of clusters; some over-segmentation helps (paper: 10k on ImageNet)")
     g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
     g.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
                    help="PCA without whitening (paper: whitened)")
-    g.add_argument("--cluster-feature", choices=["fc7", "backbone"],
-                   help="what is clustered: fc7 (paper) or backbone (the conv stack output, fc6's input)")
+    g.add_argument("--cluster-feature", choices=["fc7", "backbone", "projection"],
+                   help="what is clustered: fc7 (paper), backbone (the conv stack output, fc6's input) or "
+                        "projection (DeepCluster-v2: a trained linear projection of ReLU(fc7), L2-normalised, "
+                        "read by the head)")
     g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
     g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
     g.add_argument("--clusterings", type=int, help="k-means runs per epoch (own seed, own new head each; the loss "
@@ -88,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--head", choices=["random", "centroids"],
                    help="classifier trained each epoch: a new random linear layer (paper) or the k-means "
                         "centroids, fixed (DeepCluster-v2)")
-    g.add_argument("--temperature", type=float, help="softmax temperature of --head centroids (default 0.1)")
+    g.add_argument("--temperature", type=float, help="softmax temperature of --head centroids and of the random "
+                   "head on a projection (default 0.1)")
     g.add_argument("--balance", choices=["sampler", "weight", "none"],
                    help="against trivial parametrisation: uniform sampling over clusters (default) or loss weights")
     g = p.add_argument_group("run")

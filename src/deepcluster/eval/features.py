@@ -14,7 +14,8 @@ with ``adaptive_avg_pool2d`` to an ``s x s`` grid, ``s`` chosen per layer so tha
 
 An *encoder* turns a batch of images into named feature rows: ``conv1``...``conv5``
 (pooled, flattened), ``backbone`` (the flattened input of fc6, for the MLP probe),
-``fc7`` (the clustering features, fc7 before its ReLU) for a network; ``pixels`` (the
+``fc7`` (fc7 before its ReLU, the paper's clustering features) and, for a model with one,
+``projection`` (its L2-normalised projection of ReLU(fc7)) for a network; ``pixels`` (the
 normalised input, pooled by the same rule) for the raw-pixel baseline. The network is
 always in eval mode: batch norm uses its running statistics and is never updated.
 """
@@ -132,7 +133,7 @@ class NetEncoder(Encoder):
         self.target_dim = target_dim or default_target_dim(model.image_size)
         self.layers = [n for n in ("conv1", "conv2", "conv3", "conv4", "conv5") if n in model.conv_layers]
         self.all_layers = self.layers + [n for n in model.conv_layers if n not in self.layers]
-        self.names = self.all_layers + ["backbone", "fc7"]
+        self.names = self.all_layers + ["backbone", "fc7"] + (["projection"] if model.projection is not None else [])
         self.clustering_feature = model.cluster_feature
         self._dims: dict[str, dict[str, int]] = {}
         self._dims = self._probe_dims()
@@ -149,6 +150,9 @@ class NetEncoder(Encoder):
         b = self.model.forward_backbone(x)
         dims["backbone"] = {"dim": int(b[0].numel()), "channels": b.shape[1], "spatial": b.shape[2], "pool": b.shape[2]}
         dims["fc7"] = {"dim": self.model.fc_dim, "channels": self.model.fc_dim, "spatial": 1, "pool": 1}
+        if self.model.projection is not None:
+            d = self.model.projection_dim
+            dims["projection"] = {"dim": d, "channels": d, "spatial": 1, "pool": 1}
         return dims
 
     def dims(self) -> dict[str, dict[str, int]]:
@@ -160,7 +164,7 @@ class NetEncoder(Encoder):
         for n in names:
             if n in m.conv_layers:
                 want.setdefault(m.conv_layers[n], []).append(n)
-        need_top = "backbone" in names or "fc7" in names
+        need_top = bool({"backbone", "fc7", "projection"} & set(names))
         last = len(m.features) - 1 if need_top else max(want)
         out: dict[str, torch.Tensor] = {}
         h = m.sobel(images.to(self.device))
@@ -174,8 +178,12 @@ class NetEncoder(Encoder):
             flat = torch.flatten(h, 1)  # (B, C*h*w): the input of fc6
             if "backbone" in names:
                 out["backbone"] = flat
-            if "fc7" in names:
-                out["fc7"] = m.classifier(flat)  # fc7 before its ReLU, as clustered
+            if "fc7" in names or "projection" in names:
+                fc7 = m.classifier(flat)  # fc7 before its ReLU, as clustered
+                if "fc7" in names:
+                    out["fc7"] = fc7
+                if "projection" in names:
+                    out["projection"] = m.project(fc7)
         return out
 
     @torch.no_grad()

@@ -34,9 +34,10 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, sobel: bool = True, num_clusters: int = 100, cluster_feature: str = "fc7",
-                 **kwargs) -> DeepClusterNet:
+                 projection_dim: int | None = None, head_temperature: float = 0.1, **kwargs) -> DeepClusterNet:
     """Build the registered model ``name``; ``cluster_feature`` is what ``forward_features``
-    returns (``fc7`` or ``backbone``, see :class:`DeepClusterNet`).
+    returns (``fc7``, ``backbone`` or ``projection``, see :class:`DeepClusterNet`);
+    ``projection`` adds a ``fc_dim -> projection_dim`` (default 128) linear layer.
 
     Raises:
         ValueError: if ``name`` is not registered (the message lists the known names) or
@@ -45,19 +46,25 @@ def create_model(name: str, sobel: bool = True, num_clusters: int = 100, cluster
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; choose one of {list_models()}")
     model = _REGISTRY[name](num_clusters=num_clusters, sobel=sobel, **kwargs)
+    if cluster_feature == "projection":
+        model.add_projection(projection_dim or 128, num_clusters)
+    elif projection_dim is not None:
+        raise ValueError("projection_dim goes with cluster_feature 'projection'")
+    model.head_temperature = float(head_temperature)
     model.cluster_feature = cluster_feature  # validated by the setter
     return model
 
 
 def model_from_meta(meta: dict[str, Any], num_clusters: int, dropout: float = 0.5) -> DeepClusterNet:
     """The architecture a checkpoint's ``meta`` records (arch, Sobel, image size, width,
-    fc width, clustering feature), with fresh weights and a head of ``num_clusters``."""
+    fc width, clustering feature, projection width), with fresh weights and a head of ``num_clusters``."""
     kwargs: dict[str, Any] = {"image_size": meta["image_size"], "dropout": dropout}
     for key in ("width", "fc_dim"):
         if meta.get(key) is not None:
             kwargs[key] = meta[key]
     return create_model(meta["arch"], sobel=meta["sobel"], num_clusters=num_clusters,
-                        cluster_feature=meta.get("cluster_feature") or "fc7", **kwargs)
+                        cluster_feature=meta.get("cluster_feature") or "fc7",
+                        projection_dim=meta.get("projection_dim"), **kwargs)
 
 
 __all__ = ["CentroidClassifier", "CentroidHead", "DeepClusterNet", "MultiHeadClassifier", "Sobel", "create_model", "list_models", "model_from_meta",

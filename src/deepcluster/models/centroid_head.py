@@ -10,9 +10,10 @@ towards its own cluster's centroid from the first step, and nothing is learned f
 scratch each epoch.
 
 Here the clustering feature of an image is the one k-means saw: fc7 (before its ReLU),
-PCA-whitened with this epoch's fitted projection, L2-normalised. The projection and the
-centroids are fixed buffers for the epoch; the gradient flows through them into fc7 and
-the conv layers.
+or the model's L2-normalised projection (``cluster_feature="projection"``), PCA-reduced
+(whitened unless configured otherwise) with this epoch's fitted PCA, L2-normalised. The
+PCA and the centroids are fixed buffers for the epoch; the gradient flows through them
+into the network.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convnet import DeepClusterNet
+from .convnet import DeepClusterNet, top_features
 
 
 class CentroidHead(nn.Module):
-    """Logits ``cos(L2(PCA(f)), L2(c_j)) / temperature`` for fc7 features ``f``.
+    """Logits ``cos(L2(PCA(f)), L2(c_j)) / temperature`` for clustering features ``f``.
 
     Args:
-        mean: ``(D,)`` PCA mean of the fc7 features.
+        mean: ``(D,)`` PCA mean of the clustering features.
         projection: ``(D, p)`` PCA projection (whitening included when fitted so).
         centroids: ``(k, p)`` k-means centroids in the projected space.
         temperature: softmax temperature (DeepCluster-v2: 0.1).
@@ -56,14 +57,15 @@ class CentroidHead(nn.Module):
         return self.centroids.shape[0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` fc7 features (before the ReLU) -> ``(B, k)`` logits."""
+        """``(B, D)`` clustering features (fc7 before the ReLU, or the projection) -> ``(B, k)`` logits."""
         y = F.normalize((features.float() - self.mean) @ self.projection, dim=1)
         return y @ self.centroids.T / self.temperature
 
 
 class CentroidClassifier(nn.Module):
-    """``model``'s Sobel, conv and fc layers (shared, not copied) followed by a
-    :class:`CentroidHead`: what is trained in an epoch of ``--head centroids``.
+    """``model``'s Sobel, conv, fc layers and projection if any (shared, not copied) followed
+    by a :class:`CentroidHead` on its clustering feature: what is trained in an epoch of
+    ``--head centroids``.
 
     ``model.head`` is not part of it, so ``DistributedDataParallel`` sees only
     parameters that receive gradients.
@@ -71,8 +73,12 @@ class CentroidClassifier(nn.Module):
 
     def __init__(self, model: DeepClusterNet, head: CentroidHead) -> None:
         super().__init__()
+        if model.cluster_feature == "backbone":
+            raise ValueError("the centroid head scores fc7 or the projection, not the backbone")
         self.sobel, self.features, self.classifier = model.sobel, model.features, model.classifier
+        self.projection, self.cluster_feature = model.projection, model.cluster_feature
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.classifier(torch.flatten(self.features(self.sobel(x)), 1)))
+        flat = torch.flatten(self.features(self.sobel(x)), 1)
+        return self.head(top_features(flat, self.cluster_feature, self.classifier, self.projection))

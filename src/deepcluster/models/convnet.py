@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .sobel import Sobel
 
@@ -29,12 +30,17 @@ class DeepClusterNet(nn.Module):
         image_size: the side of the square input images this model was built for.
         dropout: dropout probability before fc6 and fc7 (the paper uses dropout).
         cluster_feature: what ``forward_features`` returns, i.e. what the training loop
-            clusters: ``"fc7"`` (the paper: fc7 before its ReLU) or ``"backbone"`` (the
-            flattened output of the conv stack, the input of fc6). The pseudo-label
-            classifier is ``fc6 -> fc7 -> head`` either way.
+            clusters: ``"fc7"`` (the paper: fc7 before its ReLU), ``"backbone"`` (the
+            flattened output of the conv stack, the input of fc6) or ``"projection"``
+            (DeepCluster-v2: a linear projection of ReLU(fc7), L2-normalised; added by
+            :meth:`add_projection`). The pseudo-label classifier is ``fc6 -> fc7 -> head``,
+            with the projection between fc7 and the head when there is one.
+        head_temperature: the head's logits are divided by it when it reads the projection
+            (a unit vector: without it a linear head starting at N(0, 0.01) gives
+            near-uniform softmaxes); DeepCluster-v2 uses 0.1.
     """
 
-    CLUSTER_FEATURES = ("fc7", "backbone")
+    CLUSTER_FEATURES = ("fc7", "backbone", "projection")
 
     def __init__(
         self,
@@ -47,6 +53,7 @@ class DeepClusterNet(nn.Module):
         image_size: int,
         dropout: float = 0.5,
         cluster_feature: str = "fc7",
+        head_temperature: float = 0.1,
     ) -> None:
         super().__init__()
         self.sobel = Sobel() if sobel else nn.Identity()
@@ -54,6 +61,8 @@ class DeepClusterNet(nn.Module):
         self.conv_layers = dict(conv_layers)
         self.image_size = image_size
         self.fc_dim = fc_dim
+        self.projection: nn.Linear | None = None
+        self.head_temperature = float(head_temperature)
         self.cluster_feature = cluster_feature
         c, h, w = feature_shape
         self.backbone_dim = c * h * w
@@ -65,7 +74,7 @@ class DeepClusterNet(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(fc_dim, fc_dim),
         )
-        self.head = nn.Linear(fc_dim, num_clusters)
+        self.head = nn.Linear(self.head_dim, num_clusters)
         self._init_weights()
         self.reset_head(num_clusters)
 
@@ -92,29 +101,58 @@ class DeepClusterNet(nn.Module):
     def cluster_feature(self, name: str) -> None:
         if name not in self.CLUSTER_FEATURES:
             raise ValueError(f"unknown clustering feature {name!r}; choose one of {list(self.CLUSTER_FEATURES)}")
+        if (name == "projection") != (self.projection is not None):
+            raise ValueError(f"clustering feature {name!r} does not fit this model "
+                             f"({'with' if self.projection is not None else 'without'} a projection)")
         self._cluster_feature = name
 
     @property
     def feature_dim(self) -> int:
-        """Width of ``forward_features``' output: ``fc_dim``, or ``backbone_dim`` (``C*h*w``)."""
-        return self.fc_dim if self.cluster_feature == "fc7" else self.backbone_dim
+        """Width of ``forward_features``' output: ``fc_dim``, ``backbone_dim`` (``C*h*w``)
+        or ``projection_dim``."""
+        return {"fc7": self.fc_dim, "backbone": self.backbone_dim, "projection": self.head_dim}[self.cluster_feature]
+
+    @property
+    def projection_dim(self) -> int | None:
+        return None if self.projection is None else self.projection.out_features
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the head's input: ``projection_dim`` with a projection, else ``fc_dim``."""
+        return self.fc_dim if self.projection is None else self.projection.out_features
 
     @property
     def num_clusters(self) -> int:
         return self.head.out_features
 
     def new_head(self, num_clusters: int, generator: torch.Generator | None = None) -> nn.Linear:
-        """A fresh ``fc_dim -> num_clusters`` linear layer on the model's device: weights
+        """A fresh ``head_dim -> num_clusters`` linear layer on the model's device: weights
         N(0, 0.01), bias 0 (the paper's initialisation of the classifier)."""
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
         p = next(self.classifier.parameters())
-        head = nn.Linear(self.fc_dim, num_clusters, device=p.device, dtype=p.dtype)
+        head = nn.Linear(self.head_dim, num_clusters, device=p.device, dtype=p.dtype)
         with torch.no_grad():
             w = torch.randn(head.weight.shape, generator=generator, dtype=p.dtype) * 0.01
             head.weight.copy_(w.to(p.device))
             head.bias.zero_()
         return head
+
+    def add_projection(self, dim: int, num_clusters: int) -> None:
+        """Insert a ``fc_dim -> dim`` linear projection (N(0, 0.01) weights, 0 bias, as every
+        linear layer here) between fc7 and a new head of ``num_clusters``, and make its
+        L2-normalised output the clustering feature (DeepCluster-v2)."""
+        if self.projection is not None:
+            raise ValueError("this model already has a projection")
+        if dim < 1:
+            raise ValueError(f"projection_dim must be >= 1, got {dim}")
+        p = next(self.classifier.parameters())
+        self.projection = nn.Linear(self.fc_dim, dim, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            nn.init.normal_(self.projection.weight, 0.0, 0.01)
+            nn.init.zeros_(self.projection.bias)
+        self.reset_head(num_clusters)
+        self.cluster_feature = "projection"
 
     def reset_head(self, num_clusters: int, generator: torch.Generator | None = None) -> None:
         """Replace the head by :meth:`new_head` (paper: a new classifier every epoch,
@@ -148,8 +186,13 @@ class DeepClusterNet(nn.Module):
 
     def features_from_backbone(self, backbone: torch.Tensor) -> torch.Tensor:
         """Clustering features from ``forward_backbone``' output: ``(B, C, h, w) -> (B, feature_dim)``."""
-        flat = torch.flatten(backbone, 1)
-        return self.classifier(flat) if self.cluster_feature == "fc7" else flat
+        return top_features(torch.flatten(backbone, 1), self.cluster_feature, self.classifier, self.projection)
+
+    def project(self, fc7: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised projection of ReLU(fc7): ``(B, fc_dim) -> (B, projection_dim)``."""
+        if self.projection is None:
+            raise ValueError("this model has no projection (cluster_feature 'projection')")
+        return project(fc7, self.projection)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Clustering features (``cluster_feature``; default fc7 before its ReLU):
@@ -162,11 +205,30 @@ class DeepClusterNet(nn.Module):
 
     def forward_head(self, fc7: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
         """Logits over clusters from ``forward_fc7``' output: ``(B, fc_dim) -> (B, k)``,
-        by ``self.head`` or another head on the same fc7 (several clusterings)."""
-        return (self.head if head is None else head)(torch.relu(fc7))
+        by ``self.head`` or another head on the same fc7 (several clusterings); with a
+        projection the head reads it and its logits are divided by ``head_temperature``."""
+        head = self.head if head is None else head
+        if self.projection is None:
+            return head(torch.relu(fc7))
+        return head(project(fc7, self.projection)) / self.head_temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_fc7(x))
+
+
+def project(fc7: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+    """``L2(projection(ReLU(fc7)))``, the DeepCluster-v2 clustering feature."""
+    return F.normalize(projection(torch.relu(fc7)), dim=1)
+
+
+def top_features(flat: torch.Tensor, cluster_feature: str, classifier: nn.Module,
+                 projection: nn.Module | None) -> torch.Tensor:
+    """The clustering feature from the flattened conv output ``flat`` (fc6's input):
+    ``flat`` itself (backbone), fc7 before its ReLU, or its projection."""
+    if cluster_feature == "backbone":
+        return flat
+    fc7 = classifier(flat)
+    return fc7 if cluster_feature == "fc7" else project(fc7, projection)
 
 
 def conv_bn_relu(

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import machine_info, machine_line  # noqa: E402
 
 PAPER = ["--preset", "paper"]
+SMALL_BF16 = ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last"]
 # name -> (what changes, flags added to the base); "base" is the paper's settings.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("paper settings (alexnet_small, Sobel, k=100, crop 0.08-1, flip, lr 0.05, PCA 256)", []),
@@ -101,6 +102,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                         "classifier)", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp",
                                                         "bf16", "--channels-last", "--cluster-feature", "projection",
                                                         "--head", "centroids"]),
+    "small-bf16-jitter": ("small-bf16 + brightness/contrast jitter (strength 1: +-40 %, p 0.8)",
+                          SMALL_BF16 + ["--jitter", "1"]),
+    "small-bf16-blur": ("small-bf16 + Gaussian blur (p 0.5, 3x3, sigma 0.1-2)", SMALL_BF16 + ["--blur", "0.5"]),
+    "small-bf16-head-matched": ("small-bf16, the previous epoch's head kept, its rows moved to the matching new "
+                                "clusters, instead of a new random head", SMALL_BF16 + ["--head", "matched"]),
+    "small-bf16-bn-recompute": ("small-bf16, batch-norm statistics recomputed on the un-augmented views before "
+                                "each extraction (precise BN)", SMALL_BF16 + ["--bn", "recompute"]),
+    "small-bf16-balance-none": ("small-bf16 without the uniform sampler over clusters (plain shuffling)",
+                                SMALL_BF16 + ["--balance", "none"]),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

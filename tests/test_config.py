@@ -49,6 +49,8 @@ def test_bad_yaml_file(tmp_path):
 @pytest.mark.parametrize("d, match", [
     ({"optim": {"affine": -1.0}}, "optim.affine"),
     ({"optim": {"erasing": 1.5}}, "optim.erasing"),
+    ({"optim": {"jitter": -0.5}}, "optim.jitter"),
+    ({"optim": {"blur": 1.5}}, "optim.blur"),
     ({"model": {"dropout": 1.0}}, "model.dropout"),
 ])
 def test_augmentation_and_dropout_ranges(d, match):
@@ -67,15 +69,22 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     parser = argparse.ArgumentParser()
     cli_train.add_parser(parser.add_subparsers())
     args = parser.parse_args(["train", "--crop-scale", "0.4", "0.9", "--no-hflip", "--affine", "0.5",
-                              "--erasing", "0.25", "--dropout", "0.1", "--no-whiten"])
+                              "--erasing", "0.25", "--dropout", "0.1", "--no-whiten", "--jitter", "0.5",
+                              "--blur", "0.3"])
     cfg = resolve(overrides=cli_train.flags_to_overrides(args, cli_train.TRAIN_FLAGS))
     assert cfg.optim.crop_scale == (0.4, 0.9) and cfg.optim.hflip is False
     assert (cfg.optim.affine, cfg.optim.erasing, cfg.model.dropout, cfg.cluster.whiten) == (0.5, 0.25, 0.1, False)
+    assert (cfg.optim.jitter, cfg.optim.blur) == (0.5, 0.3)
     ops = train_transform(image_spec("fashion-mnist"), cfg.optim.crop_scale, cfg.optim.hflip,
-                          affine=cfg.optim.affine, erasing=cfg.optim.erasing).transforms
+                          affine=cfg.optim.affine, erasing=cfg.optim.erasing, jitter=cfg.optim.jitter,
+                          blur=cfg.optim.blur).transforms
     kinds = [type(o) for o in ops]
-    assert kinds == [T.RandomAffine, T.RandomResizedCrop, T.ToTensor, T.Normalize, T.RandomErasing]
-    assert ops[0].degrees == [-7.5, 7.5] and ops[1].scale == (0.4, 0.9) and ops[4].p == 0.25
+    assert kinds == [T.RandomAffine, T.RandomResizedCrop, T.RandomApply, T.RandomApply, T.ToTensor, T.Normalize,
+                     T.RandomErasing]
+    assert ops[0].degrees == [-7.5, 7.5] and ops[1].scale == (0.4, 0.9) and ops[6].p == 0.25
+    jit, blur = ops[2].transforms[0], ops[3].transforms[0]
+    assert ops[2].p == 0.8 and jit.brightness == jit.contrast == (0.8, 1.2)
+    assert ops[3].p == 0.3 and blur.kernel_size == (3, 3) and blur.sigma == (0.1, 2.0)
     # Off by default: the paper's crop + flip only.
     plain = [type(o) for o in train_transform(image_spec("fashion-mnist")).transforms]
     assert plain == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]

@@ -134,3 +134,26 @@ def test_empty_or_mostly_broken_folder_is_an_error(tmp_path):
     _save(tmp_path / "ok.png", "RGB")
     with pytest.raises(DataError, match="3 of 4 images .* unreadable"):
         FolderSource(str(tmp_path))
+
+
+def test_blur_and_jitter_change_the_training_views_as_described():
+    from deepcluster.data import image_spec, train_transform
+    from deepcluster.data.transforms import blur_kernel
+
+    assert [blur_kernel(s) for s in (28, 32, 64, 96, 224)] == [3, 3, 7, 11, 23]
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).convert("RGB")
+    spec = image_spec("fashion-mnist")
+    plain = train_transform(spec, (1.0, 1.0), hflip=False)
+    blurred = train_transform(spec, (1.0, 1.0), hflip=False, blur=1.0)
+    jittered = train_transform(spec, (1.0, 1.0), hflip=False, jitter=1.0)
+
+    def roughness(t):  # mean absolute difference of horizontal neighbours
+        return (t[:, :, 1:] - t[:, :, :-1]).abs().mean().item()
+
+    torch.manual_seed(0)
+    x = plain(img)
+    assert all(roughness(blurred(img)) < 0.9 * roughness(x) for _ in range(5))
+    # jitter moves brightness/contrast in most draws (p = 0.8), never the pixel order
+    changed = [not torch.allclose(jittered(img), x) for _ in range(20)]
+    assert 10 <= sum(changed) < 20

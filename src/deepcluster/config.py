@@ -81,6 +81,10 @@ class ClusterConfig:
     pca_sample: int | None = None
     """Images used to fit the PCA (default: all when N x fc_dim floats fit in 1 GB, else
     max(20 x fc_dim, 50,000) random images; see docs/SCALE.md)."""
+    bn: str = "running"
+    """Batch-norm statistics of the features clustered: running (those accumulated while
+    training on augmented crops) or recompute (recomputed each epoch, exactly, on the
+    un-augmented views of up to 10,000 images: "precise BN")."""
     feature_dtype: str = "float32"
     """Storage of the PCA-reduced features between extraction and k-means: float32 or float16."""
     pic_sigma: float = 0.2
@@ -107,9 +111,16 @@ class OptimConfig:
     degrees, translation up to 10 %, shear up to 10 degrees)."""
     erasing: float = 0.0
     """Probability of random erasing (a rectangle of 2-20 % of the image set to 0)."""
+    jitter: float = 0.0
+    """Colour-jitter strength (0: off; 1: brightness/contrast/saturation +-40 %, with
+    probability 0.8; on grey images brightness and contrast)."""
+    blur: float = 0.0
+    """Probability of a Gaussian blur (kernel about 10 % of the side, sigma 0.1-2)."""
     head: str = "random"
-    """random (paper: a new linear classifier every epoch) or centroids (DeepCluster-v2:
-    cosine similarity to this epoch's centroids, fixed, over ``temperature``)."""
+    """random (paper: a new linear classifier every epoch), matched (the previous epoch's
+    head, its rows moved to the new clusters that share the most images with theirs;
+    unmatched rows new) or centroids (DeepCluster-v2: cosine similarity to this epoch's
+    centroids, fixed, over ``temperature``)."""
     temperature: float = 0.1
     """Softmax temperature of ``head: centroids``, and of the random head on a projection."""
 
@@ -284,10 +295,13 @@ def validate(cfg: Config) -> None:
         (0 < cfg.optim.crop_scale[0] <= cfg.optim.crop_scale[1] <= 1, "optim.crop_scale must satisfy 0 < min <= max <= 1"),
         (0 <= cfg.optim.affine <= 4, "optim.affine must be in [0, 4]"),
         (0 <= cfg.optim.erasing <= 1, "optim.erasing must be in [0, 1]"),
-        (cfg.optim.head in ("random", "centroids"), "optim.head must be random or centroids"),
+        (0 <= cfg.optim.jitter <= 2.5, "optim.jitter must be in [0, 2.5]"),
+        (0 <= cfg.optim.blur <= 1, "optim.blur must be in [0, 1]"),
+        (cfg.optim.head in ("random", "matched", "centroids"), "optim.head must be random, matched or centroids"),
+        (cfg.cluster.bn in ("running", "recompute"), f"cluster.bn must be running or recompute, got {cfg.cluster.bn!r}"),
         (cfg.cluster.feature in ("fc7", "backbone", "projection"),
          f"cluster.feature must be fc7, backbone or projection, got {cfg.cluster.feature!r}"),
-        (cfg.optim.head == "random" or cfg.cluster.feature != "backbone",
+        (cfg.optim.head != "centroids" or cfg.cluster.feature != "backbone",
          "optim.head centroids scores fc7 or the projection against the centroids: not cluster.feature backbone"),
         (cfg.model.projection_dim >= 1, "model.projection_dim must be >= 1"),
         (cfg.optim.temperature > 0, "optim.temperature must be > 0"),

@@ -79,6 +79,18 @@ def hungarian_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(table[rows, cols].sum() / table.sum())
 
 
+def match_clusters(new: np.ndarray, old: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matching of ``new``'s cluster ids to ``old``'s that maximises the
+    number of items with matched ids (two labellings of the same items).
+
+    Returns:
+        ``(new_ids, old_ids)``, equal-length arrays of matched cluster ids (ids that
+        appear in the labellings; with different numbers of clusters some stay unmatched).
+    """
+    rows, cols = linear_sum_assignment(-contingency(new, old))  # rows/cols: sorted unique ids
+    return np.unique(np.ravel(new))[rows], np.unique(np.ravel(old))[cols]
+
+
 def cluster_purity(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per cluster (sorted cluster ids), the fraction of members in its majority class."""
     table = contingency(pred, truth)

@@ -42,7 +42,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, co
                           init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
 from .diagnostics import collapse_warning, recent_nmi_prev
 from .machine import machine_info
-from .metrics import nmi
+from .metrics import match_clusters, nmi
 from .models import CentroidClassifier, CentroidHead, DeepClusterNet, MultiHeadClassifier, model_from_meta
 from .tensorboard import TensorBoardWriter
 
@@ -257,6 +257,71 @@ def extract_reduced(model: DeepClusterNet, dataset: IndexedDataset, cfg: Config,
     _check_finite(bad, "")
     return {"indices": shard, "x": stream.result(), "pca": pca, "pca_sample": len(sample),
             "extract_s": time.perf_counter() - t0 - pca_s, "pca_s": pca_s}
+
+
+def recompute_bn_stats(model: DeepClusterNet, dataset: IndexedDataset, num_images: int, seed: int, batch_size: int,
+                       workers: int, device: torch.device, amp: str = "none", channels_last: bool = False) -> int:
+    """Replace the conv layers' batch-norm running statistics by the exact mean and
+    variance over ``num_images`` images of ``dataset`` (the un-augmented clustering views),
+    drawn with ``seed`` (the same on every rank, so every rank gets the same statistics).
+
+    During training the running statistics follow the augmented crops; the features that
+    k-means sees are computed with them. This makes them the statistics of the views
+    being clustered ("precise BN"). Returns the number of batch-norm layers reset.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    # Per-channel sums of each batch-norm layer's input, over every image and position
+    # (float64); the forward pass itself normalises with batch statistics, as in training.
+    sums: dict[int, list] = {id(m): [0.0, 0.0, 0] for m in bns}
+
+    def accumulate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().double()
+        dims = [0] + list(range(2, x.ndim))
+        acc = sums[id(module)]
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] += x.numel() // x.shape[1]
+
+    hooks = [m.register_forward_pre_hook(accumulate) for m in bns]
+    idx = np.sort(np.random.default_rng(seed).choice(len(dataset), min(num_images, len(dataset)), replace=False))
+    was_training = model.training
+    model.train()
+    batches = 0
+    try:
+        with torch.no_grad():
+            for images, _ in make_loader(dataset, batch_size, workers, sampler=idx.tolist(), seed=seed):
+                with autocast(device, amp):
+                    model.forward_backbone(to_device(images, device, channels_last))
+                batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for m in bns:
+        total, squares, n = sums[id(m)]
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))  # unbiased, as BatchNorm keeps it
+        with torch.no_grad():
+            m.running_mean.copy_(mean.to(m.running_mean))
+            m.running_var.copy_(var.to(m.running_var))
+            m.num_batches_tracked.fill_(batches)
+    return len(bns)
+
+
+def carry_head(old: nn.Linear, new: nn.Linear, old_assignments: np.ndarray, assignments: np.ndarray) -> int:
+    """Copy into ``new`` the rows of ``old`` (the previous epoch's trained head) of the
+    clusters matched to this epoch's (:func:`~deepcluster.metrics.match_clusters`: most
+    images in common); rows of unmatched clusters keep ``new``'s fresh values. Returns
+    the number of rows carried."""
+    new_ids, old_ids = match_clusters(assignments, old_assignments)
+    keep = (new_ids < new.out_features) & (old_ids < old.out_features)
+    new_ids, old_ids = torch.from_numpy(new_ids[keep]), torch.from_numpy(old_ids[keep])
+    with torch.no_grad():
+        new.weight[new_ids] = old.weight[old_ids].to(new.weight)
+        new.bias[new_ids] = old.bias[old_ids].to(new.bias)
+    return int(keep.sum())
 
 
 def cluster_reduced(x: np.ndarray, indices: np.ndarray, num_images: int, cfg: Config, seed: int,
@@ -592,7 +657,8 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
     spec = image_spec(cfg.data.name, image_size)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
     train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip,
-                                                          affine=cfg.optim.affine, erasing=cfg.optim.erasing))
+                                                          affine=cfg.optim.affine, erasing=cfg.optim.erasing,
+                                                          jitter=cfg.optim.jitter, blur=cfg.optim.blur))
     labels = source.labels
 
     meta = _meta(cfg, n, spec.size)
@@ -666,6 +732,10 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
         _teardown_file_log()
 
 
+BN_RECOMPUTE_IMAGES = 10_000
+"""Images whose un-augmented views give the batch-norm statistics of ``cluster.bn: recompute``."""
+
+
 def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.optim.Optimizer,
               cluster_ds: IndexedDataset, train_ds: IndexedDataset, labels: np.ndarray | None,
               history: np.ndarray, device: torch.device,
@@ -686,6 +756,9 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
     # fitted on a sample and applied batch by batch, L2.
     t0 = time.perf_counter()
     cluster_seed = epoch_seed(cfg.run.seed, epoch, 2)
+    if cfg.cluster.bn == "recompute":
+        recompute_bn_stats(model, cluster_ds, BN_RECOMPUTE_IMAGES, epoch_seed(cfg.run.seed, epoch, 6), bs, workers,
+                           device, cfg.run.amp, cfg.run.channels_last)
     red = extract_reduced(model, cluster_ds, cfg, device, cluster_seed, desc=f"extract {epoch}")
     extract_s = time.perf_counter() - t0 - red["pca_s"]
     # The network these features came from: with the PCA and centroids it maps an image
@@ -707,7 +780,12 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
 
     # 4-5. Pseudo-labels, a new head, one epoch of training.
     gen = torch.Generator().manual_seed(epoch_seed(cfg.run.seed, epoch, 3))
+    old_head = model.head
     model.reset_head(num_clusters, generator=gen)
+    carried = None
+    if cfg.optim.head == "matched" and len(history):  # the previous head's rows, to their matched clusters
+        carried = carry_head(old_head, model.head, history[-1], assignments)
+    del old_head
     extra_heads = [model.new_head(num_clusters, generator=gen) for _ in others]
     lr = epoch_lr(cfg, epoch)
     for group in optimizer.param_groups:  # a function of the epoch: a resumed run gets the same
@@ -745,6 +823,7 @@ def run_epoch(cfg: Config, epoch: int, model: DeepClusterNet, optimizer: torch.o
         "nmi_labels": nmi(labels, assignments) if labels is not None else None,
         # agreement of the epoch's k-means runs with the first (several clusterings only)
         "nmi_clusterings": float(np.mean([nmi(assignments, o["assignments"]) for o in others])) if others else None,
+        "head_rows_carried": carried,  # optim.head matched only
         "num_clusters": num_clusters,
         "cluster_size_min": int(sizes.min()),
         "cluster_size_median": float(np.median(sizes)),

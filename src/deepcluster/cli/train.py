@@ -31,6 +31,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
     "crop_scale": ("optim", "crop_scale"), "hflip": ("optim", "hflip"), "affine": ("optim", "affine"),
     "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"),
+    "jitter": ("optim", "jitter"), "blur": ("optim", "blur"), "bn": ("cluster", "bn"),
     "head": ("optim", "head"), "temperature": ("optim", "temperature"), "dropout": ("model", "dropout"),
     "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
 }
@@ -77,6 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--feature-dtype", choices=["float32", "float16"],
                    help="storage of the N x pca_dim features before k-means (float16 halves it)")
     g.add_argument("--pic-sigma", type=float, help="PIC Gaussian bandwidth (default 0.2)")
+    g.add_argument("--bn", choices=["running", "recompute"],
+                   help="batch-norm statistics of the features clustered: running (default) or recomputed each "
+                        "epoch on the un-augmented views of up to 10,000 images")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -90,9 +94,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False, help="no random horizontal flips")
     g.add_argument("--affine", type=float, help="random affine warp strength (0 off; 1: 15 deg, 10%% shift, 10 deg shear)")
     g.add_argument("--erasing", type=float, help="random erasing probability (0 off)")
-    g.add_argument("--head", choices=["random", "centroids"],
-                   help="classifier trained each epoch: a new random linear layer (paper) or the k-means "
-                        "centroids, fixed (DeepCluster-v2)")
+    g.add_argument("--jitter", type=float, help="colour-jitter strength (0 off; 1: brightness/contrast/saturation "
+                   "+-40%%, applied with probability 0.8)")
+    g.add_argument("--blur", type=float, help="Gaussian-blur probability (0 off; kernel about 10%% of the side)")
+    g.add_argument("--head", choices=["random", "matched", "centroids"],
+                   help="classifier trained each epoch: a new random linear layer (paper), the previous epoch's "
+                        "with its rows moved to the matching new clusters, or the k-means centroids, fixed "
+                        "(DeepCluster-v2)")
     g.add_argument("--temperature", type=float, help="softmax temperature of --head centroids and of the random "
                    "head on a projection (default 0.1)")
     g.add_argument("--balance", choices=["sampler", "weight", "none"],

@@ -35,8 +35,14 @@ def cluster_transform(spec: ImageSpec) -> T.Compose:
     ])
 
 
+def blur_kernel(size: int) -> int:
+    """The odd Gaussian-blur kernel side for ``size`` px images: about 10 % of it, at least 3."""
+    k = max(3, int(round(0.1 * size)))
+    return k if k % 2 else k + 1
+
+
 def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True,
-                    affine: float = 0.0, erasing: float = 0.0) -> T.Compose:
+                    affine: float = 0.0, erasing: float = 0.0, jitter: float = 0.0, blur: float = 0.0) -> T.Compose:
     """Random resized crop + horizontal flip (the paper's training augmentation).
 
     Args:
@@ -49,6 +55,12 @@ def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.
             are almost the only invariances the paper's augmentation teaches).
         erasing: probability of ``RandomErasing`` (a random rectangle set to 0 after
             normalisation), 0 to disable.
+        jitter: strength ``s`` of a colour jitter applied with probability 0.8 (SimCLR's
+            recipe without hue): brightness, contrast and saturation factors drawn in
+            ``[1 - 0.4 s, 1 + 0.4 s]``; on grey images only brightness and contrast act.
+            0 to disable.
+        blur: probability of a Gaussian blur (kernel about 10 % of the side, odd, at least
+            3; sigma 0.1-2), 0 to disable.
     """
     ops: list = []
     if affine > 0:
@@ -56,6 +68,10 @@ def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.
     ops.append(T.RandomResizedCrop(spec.size, scale=crop_scale))
     if hflip:
         ops.append(T.RandomHorizontalFlip())
+    if jitter > 0:
+        ops.append(T.RandomApply([T.ColorJitter(0.4 * jitter, 0.4 * jitter, 0.4 * jitter)], p=0.8))
+    if blur > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel(spec.size), sigma=(0.1, 2.0))], p=blur))
     ops += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     if erasing > 0:
         ops.append(T.RandomErasing(p=erasing, scale=(0.02, 0.2)))

@@ -97,7 +97,8 @@ def train_supervised(checkpoint: str | Path, output: str | Path, *, epochs: int 
     model.reset_head(num_classes, generator=torch.Generator().manual_seed(run.get("seed", 0)))
     spec = image_spec(name, state["meta"]["image_size"])
     transform = train_transform(spec, tuple(optim.get("crop_scale", (0.08, 1.0))), optim.get("hflip", True),
-                                affine=optim.get("affine", 0.0), erasing=optim.get("erasing", 0.0))
+                                affine=optim.get("affine", 0.0), erasing=optim.get("erasing", 0.0),
+                                jitter=optim.get("jitter", 0.0), blur=optim.get("blur", 0.0))
     bs = int(optim.get("batch_size", 256))
     steps = epochs * math.ceil(len(source) / bs)
     logger.info("supervised baseline: %s on %d labelled images, %d epochs (%d steps of %d), lr %g constant",

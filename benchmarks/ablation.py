@@ -111,6 +111,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                 "each extraction (precise BN)", SMALL_BF16 + ["--bn", "recompute"]),
     "small-bf16-balance-none": ("small-bf16 without the uniform sampler over clusters (plain shuffling)",
                                 SMALL_BF16 + ["--balance", "none"]),
+    "small-bf16-crops2": ("small-bf16 + 2 augmented views of each image per step, both on its pseudo-label "
+                          "(multi-crop at one resolution; twice the training compute per epoch)",
+                          SMALL_BF16 + ["--crops", "2"]),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

@@ -87,3 +87,26 @@ def test_runs_with_matched_head_and_recomputed_bn(tiny_mnist_root, tmp_path):
     assert all(np.isfinite(r["convnet_loss"]) for r in records)
     state = load_checkpoint(out)
     assert state["config"]["optim"]["head"] == "matched" and state["config"]["cluster"]["bn"] == "recompute"
+
+
+def test_multi_view_training_gives_every_view_its_images_pseudo_label(tiny_mnist_root, tmp_path, monkeypatch):
+    from deepcluster import train as train_module
+    from deepcluster.data import MultiView
+
+    views = MultiView(lambda img: torch.full((1, 2, 2), float(img)), 3)
+    assert views(7).shape == (3, 1, 2, 2) and torch.equal(views(7), torch.full((3, 1, 2, 2), 7.0))
+    with pytest.raises(ValueError, match="views"):
+        MultiView(lambda img: img, 0)
+    seen = []
+    real = train_module.pseudo_label_loss
+
+    def spy(logits, targets, weights=None):
+        seen.append((logits.shape[0], targets.clone()))
+        return real(logits, targets, weights)
+
+    monkeypatch.setattr(train_module, "pseudo_label_loss", spy)
+    out = train_tiny(tiny_mnist_root, tmp_path / "run", optim={"crops": 2, "epochs": 1, "batch_size": 16})
+    assert seen and all(n == len(t) and n % 2 == 0 for n, t in seen)
+    assert all(torch.equal(t[0::2], t[1::2]) for _, t in seen)  # views of one image are adjacent, same label
+    # one epoch trains every image once (the sampler draws N), twice as views
+    assert sum(n for n, _ in seen) == 2 * load_checkpoint(out)["meta"]["num_images"]

@@ -116,6 +116,10 @@ class OptimConfig:
     probability 0.8; on grey images brightness and contrast)."""
     blur: float = 0.0
     """Probability of a Gaussian blur (kernel about 10 % of the side, sigma 0.1-2)."""
+    crops: int = 1
+    """Augmented views of each image per step, each trained on the image's pseudo-label
+    (DeepCluster-v2's multi-crop, at one resolution: fc6 fixes the input size); the cost
+    of an epoch's training grows with it."""
     head: str = "random"
     """random (paper: a new linear classifier every epoch), matched (the previous epoch's
     head, its rows moved to the new clusters that share the most images with theirs;
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.erasing <= 1, "optim.erasing must be in [0, 1]"),
         (0 <= cfg.optim.jitter <= 2.5, "optim.jitter must be in [0, 2.5]"),
         (0 <= cfg.optim.blur <= 1, "optim.blur must be in [0, 1]"),
+        (cfg.optim.crops >= 1, "optim.crops must be >= 1"),
         (cfg.optim.head in ("random", "matched", "centroids"), "optim.head must be random, matched or centroids"),
         (cfg.cluster.bn in ("running", "recompute"), f"cluster.bn must be running or recompute, got {cfg.cluster.bn!r}"),
         (cfg.cluster.feature in ("fc7", "backbone", "projection"),

@@ -36,7 +36,7 @@ from .checkpoint import atomic_write, check_compatible, load_checkpoint, rng_sta
 from .clustering import (PCAWhitening, StreamingPCA, faiss_has_gpu, kmeans, resolve_pca_sample, run_pic,
                          sample_indices)
 from .config import Config, save_yaml
-from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, cluster_transform,
+from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, MultiView, cluster_transform,
                    folder_image_size, image_spec, inverse_size_weights, train_transform, training_source)
 from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, collective_errors, gather_by_index,
                           init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
@@ -397,8 +397,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.T
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=None if is_main_process() else True)
     for step, (images, idx) in enumerate(bar):
+        targets = pseudo_labels[idx]
+        if images.ndim == 5:  # (B, views, C, H, W): every view of an image gets its pseudo-label
+            targets = targets.repeat_interleave(images.shape[1], 0)
+            images = images.flatten(0, 1)
         images = to_device(images, device, channels_last)
-        targets = pseudo_labels[idx].to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             loss = pseudo_label_loss(model(images), targets, weights)
         if not torch.isfinite(loss):
@@ -656,9 +660,9 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
                         "(--image-size to choose)", image_size)
     spec = image_spec(cfg.data.name, image_size)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
-    train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip,
-                                                          affine=cfg.optim.affine, erasing=cfg.optim.erasing,
-                                                          jitter=cfg.optim.jitter, blur=cfg.optim.blur))
+    augment = train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip, affine=cfg.optim.affine,
+                              erasing=cfg.optim.erasing, jitter=cfg.optim.jitter, blur=cfg.optim.blur)
+    train_ds = IndexedDataset(source, augment if cfg.optim.crops == 1 else MultiView(augment, cfg.optim.crops))
     labels = source.labels
 
     meta = _meta(cfg, n, spec.size)

@@ -31,7 +31,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
     "crop_scale": ("optim", "crop_scale"), "hflip": ("optim", "hflip"), "affine": ("optim", "affine"),
     "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"),
-    "jitter": ("optim", "jitter"), "blur": ("optim", "blur"), "bn": ("cluster", "bn"),
+    "jitter": ("optim", "jitter"), "blur": ("optim", "blur"), "bn": ("cluster", "bn"), "crops": ("optim", "crops"),
     "head": ("optim", "head"), "temperature": ("optim", "temperature"), "dropout": ("model", "dropout"),
     "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
 }
@@ -96,6 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--erasing", type=float, help="random erasing probability (0 off)")
     g.add_argument("--jitter", type=float, help="colour-jitter strength (0 off; 1: brightness/contrast/saturation "
                    "+-40%%, applied with probability 0.8)")
+    g.add_argument("--crops", type=int, help="augmented views of each image per step, all on its pseudo-label "
+                   "(multi-crop at one resolution; default 1)")
     g.add_argument("--blur", type=float, help="Gaussian-blur probability (0 off; kernel about 10%% of the side)")
     g.add_argument("--head", choices=["random", "matched", "centroids"],
                    help="classifier trained each epoch: a new random linear layer (paper), the previous epoch's "

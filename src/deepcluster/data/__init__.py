@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
 from .sources import DataError, FolderSource, ImageSource, TorchvisionSource, cifar10, mnist_like, stl10
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec, cluster_transform, train_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec, MultiView, cluster_transform, train_transform
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "stl10", "folder")
 
@@ -152,7 +152,7 @@ class Subset(ImageSource):
 
 __all__ = [
     "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
-    "IndexedDataset", "LabelledDataset", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
+    "IndexedDataset", "LabelledDataset", "MultiView", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
     "balanced_plan", "build_source", "cluster_transform", "folder_image_size", "image_spec", "inverse_size_weights",
     "train_transform", "training_source",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,6 +34,22 @@ def cluster_transform(spec: ImageSpec) -> T.Compose:
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
     ])
+
+
+class MultiView:
+    """``views`` independent draws of ``transform`` on one image, stacked ``(views, C, H, W)``
+    (multi-crop at one resolution: every view gets the image's pseudo-label)."""
+
+    def __init__(self, transform, views: int) -> None:
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.transform, self.views = transform, views
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.views)])
+
+    def __repr__(self) -> str:
+        return f"MultiView({self.views} x {self.transform!r})"
 
 
 def blur_kernel(size: int) -> int:

@@ -114,6 +114,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "small-bf16-crops2": ("small-bf16 + 2 augmented views of each image per step, both on its pseudo-label "
                           "(multi-crop at one resolution; twice the training compute per epoch)",
                           SMALL_BF16 + ["--crops", "2"]),
+    "small-bf16-jitter-matched": ("small-bf16 + jitter (strength 1) + the matched head together",
+                                  SMALL_BF16 + ["--jitter", "1", "--head", "matched"]),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

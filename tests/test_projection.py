@@ -132,3 +132,22 @@ def test_training_with_projection_and_centroid_head_is_deterministic(tiny_mnist_
     assert len(a) == 2 and all(np.isfinite(a)) and a == b
     # F.cross_entropy of cosine / 0.1 logits is bounded by 2 / 0.1 + log(k) = 22.3 for k = 10
     assert max(a) < 2 / 0.1 + np.log(10)
+
+
+def test_assign_maps_training_images_to_their_projection_clusters(projection_run, tiny_mnist_root, tmp_path):
+    import csv
+
+    from deepcluster.data import build_source
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    source = build_source("fashion-mnist", str(tiny_mnist_root), "train", download=False)
+    for i in range(len(source)):
+        source.load(i).save(folder / f"{i:05d}.png")
+    out = tmp_path / "assigned.csv"
+    assert main(["assign", "--checkpoint", str(projection_run), "--images", str(folder), "-o", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = np.load(projection_run / "assignments.npy")[-1]
+    same = [int(r["cluster"]) == last[int(r["path"].rsplit("/", 1)[1][:5])] for r in rows]
+    assert len(rows) == len(source) and np.mean(same) >= 0.99

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", help="output file (default: CSV on stdout)")
     p.add_argument("--features", nargs="?", const="pca", choices=FEATURE_KINDS,
                    help="also write each image's features: pca (default) or fc7 (before PCA; the conv "
-                   "stack's output for a --cluster-feature backbone run)")
+                   "stack's output for a --cluster-feature backbone run, the projection for a projection run)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_assign)

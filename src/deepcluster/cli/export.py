@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", nargs="?", const="pca", choices=FEATURE_KINDS,
                    help="also write each image's feature vector and squared distance to its centroid: "
                    "pca (default; the space of the centroids) or fc7 (the network features before PCA: the "
-                   "conv stack's output for a --cluster-feature backbone run)")
+                   "conv stack's output for a --cluster-feature backbone run, the projection for a projection run)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes for the feature pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

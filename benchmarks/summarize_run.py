@@ -78,13 +78,24 @@ def main() -> None:
     lrs = [r["lr"] for r in records if r.get("lr") is not None]
     schedule = (f"cosine decay over the epochs ({lrs[0]:g} → {lrs[-1]:.2g} in the last epoch)"
                 if o.get("lr_schedule", "constant") == "cosine" and lrs else "constant")
+    augment = f"random resized crop scale {tuple(o['crop_scale'])}" + (" + flip" if o.get("hflip", True) else "")
+    for key, what in (("affine", "affine warp {}"), ("jitter", "colour jitter {}"), ("blur", "blur p {}"),
+                      ("erasing", "erasing p {}")):
+        if o.get(key):
+            augment += " + " + what.format(o[key])
+    if o.get("crops", 1) > 1:
+        augment += f", {o['crops']} views per image per step"
+    head = {"random": "a new random head every epoch", "centroids": "the centroid head (DeepCluster-v2)",
+            "matched": "the previous epoch's head carried to the matched clusters"}.get(o.get("head", "random"))
+    balance = {"sampler": "uniform sampling over clusters", "weight": "loss weighted by inverse cluster size",
+               "none": "no balancing"}.get(o.get("balance", "sampler"))
     text = f"""# Training: {args.name}
 
 Fashion-MNIST, {len(records)} epochs with {which}
 (`--preset {preset}`): `{m['arch']}` (Sobel {m['sobel']}, dropout {m.get('dropout')}), PCA {c['pca_dim']}
 {whiten}, {clustering}, SGD lr {o['lr']} {schedule}, momentum
-{o['momentum']}, weight decay {o['weight_decay']}, batch {o['batch_size']}, random resized crop scale
-{tuple(o['crop_scale'])} + flip, uniform sampling over clusters. Total {total / 60:.0f} minutes of epochs; machine:
+{o['momentum']}, weight decay {o['weight_decay']}, batch {o['batch_size']}, {augment}, {head},
+{balance}. Total {total / 60:.0f} minutes of epochs; machine:
 {machine}.
 
 Files: [metrics.jsonl](runs/{args.name}/metrics.jsonl), [config.yaml](runs/{args.name}/config.yaml),

@@ -57,3 +57,25 @@ def train_tiny(root, out, **sections):
         overrides.setdefault(section, {}).update(values)
     train(resolve(overrides=overrides))
     return out
+
+
+def assigned_like_training(run, root, tmp_path) -> float:
+    """``deepcluster assign`` on the fixture's training images written as PNG files: the
+    fraction that get the cluster the run's last epoch gave them."""
+    import csv
+
+    from deepcluster.cli import main
+    from deepcluster.data import build_source
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    source = build_source("fashion-mnist", str(root), "train", download=False)
+    for i in range(len(source)):
+        source.load(i).save(folder / f"{i:05d}.png")
+    out = tmp_path / "assigned.csv"
+    assert main(["assign", "--checkpoint", str(run), "--images", str(folder), "-o", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(source)
+    last = np.load(run / "assignments.npy")[-1]
+    return float(np.mean([int(r["cluster"]) == last[int(r["path"].rsplit("/", 1)[1][:5])] for r in rows]))

@@ -1,18 +1,15 @@
 """``--cluster-feature backbone``: the training loop clusters the conv stack's output
 instead of fc7, and every reader of the run (eval, export, assign, viz, resume) follows."""
 
-import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import assigned_like_training, train_tiny
 from deepcluster.checkpoint import CheckpointError, load_checkpoint, load_model
 from deepcluster.cli import main
 from deepcluster.config import ConfigError, resolve
-from deepcluster.data import build_source
 from deepcluster.models import create_model
 from deepcluster.train import TrainingError, train
 
@@ -70,18 +67,7 @@ def test_eval_defaults_to_the_clustered_feature(backbone_run):
 
 
 def test_assign_maps_training_images_to_their_backbone_clusters(backbone_run, tiny_mnist_root, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    source = build_source("fashion-mnist", str(tiny_mnist_root), "train", download=False)
-    for i in range(len(source)):
-        source.load(i).save(folder / f"{i:05d}.png")
-    out = tmp_path / "assigned.csv"
-    assert main(["assign", "--checkpoint", str(backbone_run), "--images", str(folder), "-o", str(out)]) == 0
-    with open(out, newline="") as f:
-        rows = list(csv.DictReader(f))
-    last = np.load(backbone_run / "assignments.npy")[-1]
-    same = [int(r["cluster"]) == last[int(r["path"].rsplit("/", 1)[1][:5])] for r in rows]
-    assert len(rows) == len(source) and np.mean(same) >= 0.99
+    assert assigned_like_training(backbone_run, tiny_mnist_root, tmp_path) >= 0.99
 
 
 def test_resume_with_another_cluster_feature_is_refused(backbone_run, tiny_mnist_root):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import assigned_like_training, train_tiny
 from deepcluster.checkpoint import CheckpointError, load_checkpoint, load_model
 from deepcluster.cli import main
 from deepcluster.clustering import PCAWhitening
@@ -135,19 +135,4 @@ def test_training_with_projection_and_centroid_head_is_deterministic(tiny_mnist_
 
 
 def test_assign_maps_training_images_to_their_projection_clusters(projection_run, tiny_mnist_root, tmp_path):
-    import csv
-
-    from deepcluster.data import build_source
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    source = build_source("fashion-mnist", str(tiny_mnist_root), "train", download=False)
-    for i in range(len(source)):
-        source.load(i).save(folder / f"{i:05d}.png")
-    out = tmp_path / "assigned.csv"
-    assert main(["assign", "--checkpoint", str(projection_run), "--images", str(folder), "-o", str(out)]) == 0
-    with open(out, newline="") as f:
-        rows = list(csv.DictReader(f))
-    last = np.load(projection_run / "assignments.npy")[-1]
-    same = [int(r["cluster"]) == last[int(r["path"].rsplit("/", 1)[1][:5])] for r in rows]
-    assert len(rows) == len(source) and np.mean(same) >= 0.99
+    assert assigned_like_training(projection_run, tiny_mnist_root, tmp_path) >= 0.99

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from deepcluster.data import ClusterBalancedSampler, balanced_plan, inverse_size_weights

@@ -64,7 +64,7 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     import torchvision.transforms as T
 
     from deepcluster.cli import train as cli_train
-    from deepcluster.data import image_spec, train_transform
+    from deepcluster.data import image_spec, train_transform, train_transform_from
 
     parser = argparse.ArgumentParser()
     cli_train.add_parser(parser.add_subparsers())
@@ -75,9 +75,7 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     assert cfg.optim.crop_scale == (0.4, 0.9) and cfg.optim.hflip is False
     assert (cfg.optim.affine, cfg.optim.erasing, cfg.model.dropout, cfg.cluster.whiten) == (0.5, 0.25, 0.1, False)
     assert (cfg.optim.jitter, cfg.optim.blur) == (0.5, 0.3)
-    ops = train_transform(image_spec("fashion-mnist"), cfg.optim.crop_scale, cfg.optim.hflip,
-                          affine=cfg.optim.affine, erasing=cfg.optim.erasing, jitter=cfg.optim.jitter,
-                          blur=cfg.optim.blur).transforms
+    ops = train_transform_from(image_spec("fashion-mnist"), cfg.to_dict()["optim"]).transforms
     kinds = [type(o) for o in ops]
     assert kinds == [T.RandomAffine, T.RandomResizedCrop, T.RandomApply, T.RandomApply, T.ToTensor, T.Normalize,
                      T.RandomErasing]
@@ -85,9 +83,10 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     jit, blur = ops[2].transforms[0], ops[3].transforms[0]
     assert ops[2].p == 0.8 and jit.brightness == jit.contrast == (0.8, 1.2)
     assert ops[3].p == 0.3 and blur.kernel_size == (3, 3) and blur.sigma == (0.1, 2.0)
-    # Off by default: the paper's crop + flip only.
+    # Off by default: the paper's crop + flip only (also for a run's config that predates the keys).
     plain = [type(o) for o in train_transform(image_spec("fashion-mnist")).transforms]
     assert plain == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert [type(o) for o in train_transform_from(image_spec("fashion-mnist"), {}).transforms] == plain
 
 
 def test_presets_paper_is_the_defaults_small_images_changes_only_what_the_ablation_chose():

@@ -37,7 +37,8 @@ from .clustering import (PCAWhitening, StreamingPCA, faiss_has_gpu, kmeans, reso
                          sample_indices)
 from .config import Config, save_yaml
 from .data import (ClusterBalancedSampler, DataError, ImageSource, IndexedDataset, MultiView, cluster_transform,
-                   folder_image_size, image_spec, inverse_size_weights, train_transform, training_source)
+                   folder_image_size, image_spec, inverse_size_weights, train_transform_from,
+                   training_source)
 from .distributed import (all_reduce_sum, barrier, broadcast_object, cleanup, collective_errors, gather_by_index,
                           init_distributed, is_distributed, is_main_process, rank, shard_indices, world_size)
 from .diagnostics import collapse_warning, recent_nmi_prev
@@ -660,8 +661,7 @@ def _train(cfg: Config, device: torch.device) -> dict[str, Any]:
                         "(--image-size to choose)", image_size)
     spec = image_spec(cfg.data.name, image_size)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
-    augment = train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip, affine=cfg.optim.affine,
-                              erasing=cfg.optim.erasing, jitter=cfg.optim.jitter, blur=cfg.optim.blur)
+    augment = train_transform_from(spec, cfg.to_dict()["optim"])
     train_ds = IndexedDataset(source, augment if cfg.optim.crops == 1 else MultiView(augment, cfg.optim.crops))
     labels = source.labels
 

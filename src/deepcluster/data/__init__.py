@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
 from .sources import DataError, FolderSource, ImageSource, TorchvisionSource, cifar10, mnist_like, stl10
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageSpec, MultiView, cluster_transform, train_transform
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageSpec, MultiView, cluster_transform, train_transform,
+                         train_transform_from)
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "stl10", "folder")
 
@@ -154,5 +155,5 @@ __all__ = [
     "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
     "IndexedDataset", "LabelledDataset", "MultiView", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
     "balanced_plan", "build_source", "cluster_transform", "folder_image_size", "image_spec", "inverse_size_weights",
-    "train_transform", "training_source",
+    "train_transform", "train_transform_from", "training_source",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data import LabelledDataset, Subset, build_source, image_spec, train_transform
+from ..data import LabelledDataset, Subset, build_source, image_spec, train_transform_from
 from .context import machine_info
 from .nettrain import fresh_model, train_network
 from .splits import require_labels
@@ -96,9 +96,7 @@ def train_supervised(checkpoint: str | Path, output: str | Path, *, epochs: int 
     model = fresh_model(state)  # the DeepCluster run's initial weights
     model.reset_head(num_classes, generator=torch.Generator().manual_seed(run.get("seed", 0)))
     spec = image_spec(name, state["meta"]["image_size"])
-    transform = train_transform(spec, tuple(optim.get("crop_scale", (0.08, 1.0))), optim.get("hflip", True),
-                                affine=optim.get("affine", 0.0), erasing=optim.get("erasing", 0.0),
-                                jitter=optim.get("jitter", 0.0), blur=optim.get("blur", 0.0))
+    transform = train_transform_from(spec, optim)
     bs = int(optim.get("batch_size", 256))
     steps = epochs * math.ceil(len(source) / bs)
     logger.info("supervised baseline: %s on %d labelled images, %d epochs (%d steps of %d), lr %g constant",

@@ -35,9 +35,10 @@ class DeepClusterNet(nn.Module):
             (DeepCluster-v2: a linear projection of ReLU(fc7), L2-normalised; added by
             :meth:`add_projection`). The pseudo-label classifier is ``fc6 -> fc7 -> head``,
             with the projection between fc7 and the head when there is one.
-        head_temperature: the head's logits are divided by it when it reads the projection
-            (a unit vector: without it a linear head starting at N(0, 0.01) gives
-            near-uniform softmaxes); DeepCluster-v2 uses 0.1.
+
+    ``head_temperature`` (attribute, default 0.1, DeepCluster-v2's): the head's logits are
+    divided by it when it reads the projection (a unit vector: without it a linear head
+    starting at N(0, 0.01) gives near-uniform softmaxes).
     """
 
     CLUSTER_FEATURES = ("fc7", "backbone", "projection")
@@ -53,7 +54,6 @@ class DeepClusterNet(nn.Module):
         image_size: int,
         dropout: float = 0.5,
         cluster_feature: str = "fc7",
-        head_temperature: float = 0.1,
     ) -> None:
         super().__init__()
         self.sobel = Sobel() if sobel else nn.Identity()
@@ -62,7 +62,7 @@ class DeepClusterNet(nn.Module):
         self.image_size = image_size
         self.fc_dim = fc_dim
         self.projection: nn.Linear | None = None
-        self.head_temperature = float(head_temperature)
+        self.head_temperature = 0.1  # set by create_model / the training loop (optim.temperature)
         self.cluster_feature = cluster_feature
         c, h, w = feature_shape
         self.backbone_dim = c * h * w

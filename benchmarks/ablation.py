@@ -297,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         args.base_flags = args.base_flags + ["--width", "0.25", "--fc-dim", "256", "--pca-dim", "32"]
     if args.docs_only:
         saved = json.loads((args.out_dir / "benchmarks" / "ablation.json").read_text())
-        for key in ("subset", "epochs", "seed", "jobs", "threads", "eval_subset", "test_subset", "base_flags"):
-            setattr(args, key, saved["settings"][key])
+        for key, value in saved["settings"].items():  # the measurement's settings, as they were
+            if key not in ("work_dir", "out_dir"):
+                setattr(args, key, value)
         write_docs(saved["rows"], args, saved["machine"])
         print(f"wrote {args.out_dir / 'ABLATION.md'}")
         return 0

@@ -40,6 +40,18 @@ from machine import machine_info, machine_line  # noqa: E402
 
 PAPER = ["--preset", "paper"]
 SMALL_BF16 = ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last"]
+JM = SMALL_BF16 + ["--jitter", "1", "--head", "matched"]  # the small-images preset's settings (at 6 epochs)
+
+
+def with_flag(flags: list[str], flag: str, *values: str) -> list[str]:
+    """``flags`` with ``flag``'s values replaced in place (appended if absent)."""
+    if flag not in flags:
+        return flags + [flag, *values]
+    i = flags.index(flag)
+    j = next((n for n in range(i + 1, len(flags)) if flags[n].startswith("--")), len(flags))
+    return flags[:i] + [flag, *values] + flags[j:]
+
+
 # name -> (what changes, flags added to the base); "base" is the paper's settings.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("paper settings (alexnet_small, Sobel, k=100, crop 0.08-1, flip, lr 0.05, PCA 256)", []),
@@ -77,31 +89,24 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                      ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine"]),
     "width1": ("full-width alexnet_small (width 1)", ["--width", "1"]),
     "small-bf16": ("no dropout, crops 0.5-1, trained and extracted in bfloat16 autocast with channels_last "
-                   "(the same epochs in about half the time on an AVX512-BF16 CPU)",
-                   ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last"]),
+                   "(the same epochs in about half the time on an AVX512-BF16 CPU)", SMALL_BF16),
     "small-cosine-bf16": ("no dropout, crops 0.5-1, cosine decay, bfloat16 autocast + channels_last",
                           ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine", "--amp", "bf16",
                            "--channels-last"]),
     "small-bf16-clusterings3": ("small-bf16 + 3 k-means per epoch (own seeds), one head each, loss averaged "
-                                "(DeepCluster-v2)", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16",
-                                                     "--channels-last", "--clusterings", "3"]),
+                                "(DeepCluster-v2)", SMALL_BF16 + ["--clusterings", "3"]),
     "small-bf16-width1": ("small-bf16 with the full-width alexnet_small (width 1: twice the channels)",
-                          ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last",
-                           "--width", "1"]),
+                          SMALL_BF16 + ["--width", "1"]),
     "small-bf16-centroids": ("small-bf16 + the DeepCluster-v2 centroid head (cosine to the fixed centroids / 0.1)",
-                             ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16", "--channels-last",
-                              "--head", "centroids"]),
+                             SMALL_BF16 + ["--head", "centroids"]),
     "small-bf16-centroids-nowhiten": ("small-bf16-centroids with PCA not whitened (DeepCluster-v2 does not whiten)",
-                                      ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16",
-                                       "--channels-last", "--head", "centroids", "--no-whiten"]),
+                                      SMALL_BF16 + ["--head", "centroids", "--no-whiten"]),
     "small-bf16-projection": ("small-bf16 + k-means on a trained 128-d projection of ReLU(fc7), L2-normalised, "
                               "read by the new random head / 0.1 (DeepCluster-v2); NMI and kNN columns score the "
-                              "projection", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp", "bf16",
-                                             "--channels-last", "--cluster-feature", "projection"]),
+                              "projection", SMALL_BF16 + ["--cluster-feature", "projection"]),
     "small-bf16-projection-centroids": ("small-bf16-projection with the centroid head (DeepCluster-v2's whole "
-                                        "classifier)", ["--dropout", "0", "--crop-scale", "0.5", "1", "--amp",
-                                                        "bf16", "--channels-last", "--cluster-feature", "projection",
-                                                        "--head", "centroids"]),
+                                        "classifier)",
+                                        SMALL_BF16 + ["--cluster-feature", "projection", "--head", "centroids"]),
     "small-bf16-jitter": ("small-bf16 + brightness/contrast jitter (strength 1: +-40 %, p 0.8)",
                           SMALL_BF16 + ["--jitter", "1"]),
     "small-bf16-blur": ("small-bf16 + Gaussian blur (p 0.5, 3x3, sigma 0.1-2)", SMALL_BF16 + ["--blur", "0.5"]),
@@ -114,16 +119,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "small-bf16-crops2": ("small-bf16 + 2 augmented views of each image per step, both on its pseudo-label "
                           "(multi-crop at one resolution; twice the training compute per epoch)",
                           SMALL_BF16 + ["--crops", "2"]),
-    "small-bf16-jitter-matched": ("small-bf16 + jitter (strength 1) + the matched head together",
-                                  SMALL_BF16 + ["--jitter", "1", "--head", "matched"]),
+    "small-bf16-jitter-matched": ("small-bf16 + jitter (strength 1) + the matched head together", JM),
     "jm-jitter0.5": ("small-bf16-jitter-matched with half the jitter (strength 0.5: +-20 %)",
-                     SMALL_BF16 + ["--jitter", "0.5", "--head", "matched"]),
+                     with_flag(JM, "--jitter", "0.5")),
     "jm-jitter2": ("small-bf16-jitter-matched with twice the jitter (strength 2: +-80 %)",
-                   SMALL_BF16 + ["--jitter", "2", "--head", "matched"]),
+                   with_flag(JM, "--jitter", "2")),
     "jm-crop0.3": ("small-bf16-jitter-matched with stronger crops (scale 0.3-1)",
-                   ["--dropout", "0", "--crop-scale", "0.3", "1", "--amp", "bf16", "--channels-last", "--jitter", "1",
-                    "--head", "matched"]),
-    "jm-k30": ("small-bf16-jitter-matched with k = 30", SMALL_BF16 + ["--jitter", "1", "--head", "matched", "--k", "30"]),
+                   with_flag(JM, "--crop-scale", "0.3", "1")),
+    "jm-k30": ("small-bf16-jitter-matched with k = 30", with_flag(JM, "--k", "30")),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

@@ -127,6 +127,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "jm-crop0.3": ("small-bf16-jitter-matched with stronger crops (scale 0.3-1)",
                    with_flag(JM, "--crop-scale", "0.3", "1")),
     "jm-k30": ("small-bf16-jitter-matched with k = 30", with_flag(JM, "--k", "30")),
+    "jm-wd5e-4": ("small-bf16-jitter-matched with weight decay 5e-4 instead of the paper's 1e-5",
+                  with_flag(JM, "--weight-decay", "5e-4")),
+    "jm-lr0.1": ("small-bf16-jitter-matched with lr 0.1", with_flag(JM, "--lr", "0.1")),
+    "jm-nowhiten": ("small-bf16-jitter-matched with PCA not whitened before k-means (the space in which "
+                    "k = 10 k-means scores best at evaluation)", with_flag(JM, "--no-whiten")),
+    "jm-weps0.01": ("small-bf16-jitter-matched with regularised whitening (eps 0.01 x the largest eigenvalue: "
+                    "components weaker than 1 % of the strongest stay damped)", with_flag(JM, "--whiten-eps", "0.01")),
+    "jm-weps0.1": ("small-bf16-jitter-matched with regularised whitening (eps 0.1 x the largest eigenvalue)",
+                   with_flag(JM, "--whiten-eps", "0.1")),
+    "jm-cosine": ("small-bf16-jitter-matched with cosine learning-rate decay over the 6 epochs (as the preset "
+                  "over its 48)", with_flag(JM, "--lr-schedule", "cosine")),
     "small-cosine-bf16-clusterings3": ("small-cosine-bf16 + 3 k-means per epoch, one head each",
                                        ["--dropout", "0", "--crop-scale", "0.5", "1", "--lr-schedule", "cosine",
                                         "--amp", "bf16", "--channels-last", "--clusterings", "3"]),

@@ -70,11 +70,11 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     cli_train.add_parser(parser.add_subparsers())
     args = parser.parse_args(["train", "--crop-scale", "0.4", "0.9", "--no-hflip", "--affine", "0.5",
                               "--erasing", "0.25", "--dropout", "0.1", "--no-whiten", "--jitter", "0.5",
-                              "--blur", "0.3"])
+                              "--blur", "0.3", "--whiten-eps", "0.01"])
     cfg = resolve(overrides=cli_train.flags_to_overrides(args, cli_train.TRAIN_FLAGS))
     assert cfg.optim.crop_scale == (0.4, 0.9) and cfg.optim.hflip is False
     assert (cfg.optim.affine, cfg.optim.erasing, cfg.model.dropout, cfg.cluster.whiten) == (0.5, 0.25, 0.1, False)
-    assert (cfg.optim.jitter, cfg.optim.blur) == (0.5, 0.3)
+    assert (cfg.optim.jitter, cfg.optim.blur, cfg.cluster.whiten_eps) == (0.5, 0.3, 0.01)
     ops = train_transform_from(image_spec("fashion-mnist"), cfg.to_dict()["optim"]).transforms
     kinds = [type(o) for o in ops]
     assert kinds == [T.RandomAffine, T.RandomResizedCrop, T.RandomApply, T.RandomApply, T.ToTensor, T.Normalize,

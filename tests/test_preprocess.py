@@ -22,6 +22,20 @@ def test_whitened_output_has_identity_covariance_before_l2():
     np.testing.assert_allclose(y.mean(0), 0, atol=1e-3)
 
 
+def test_regularised_whitening_scales_each_component_by_its_eigenvalue_over_eigenvalue_plus_eps():
+    x = correlated()
+    ref = PCA(16, svd_solver="full").fit(x.astype(np.float64))
+    lam = ref.explained_variance_ * (len(x) - 1) / len(x)  # population variance, as the fit uses
+    for eps in (1e-6, 0.01, 0.5):
+        y = PCAWhitening(16, whiten=True, normalize=False, eps=eps).fit_transform(x)
+        want = lam / (lam + eps * lam.max())  # variance of component i after dividing by sqrt(lam_i + eps lam_max)
+        np.testing.assert_allclose(y.var(0), want, rtol=2e-3, atol=1e-6)
+    # eps 1e-6 is full whitening; a large eps tends to PCA without whitening, up to one global scale.
+    big = PCAWhitening(16, whiten=True, normalize=False, eps=1e6).fit_transform(x)
+    plain = PCAWhitening(16, whiten=False, normalize=False).fit_transform(x)
+    np.testing.assert_allclose(big * np.sqrt(1e6 * lam.max()), plain, rtol=1e-3, atol=1e-3)
+
+
 def test_projection_matches_sklearn_pca_up_to_sign():
     x = correlated()
     ours = PCAWhitening(8, whiten=False, normalize=False).fit_transform(x)

@@ -133,3 +133,16 @@ def test_a_folder_picks_its_image_size_and_a_resumed_run_keeps_it(tmp_path):
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     assert run(2, resume=True) == 32
+
+
+def test_whiten_eps_reaches_the_training_pca(tiny_mnist_root, tmp_path):
+    from conftest import train_tiny
+
+    from deepcluster.clustering import PCAWhitening
+
+    out = train_tiny(tiny_mnist_root, tmp_path / "run", cluster={"whiten_eps": 0.05}, optim={"epochs": 1})
+    pca = PCAWhitening.from_state_dict(load_checkpoint(out)["pca"])
+    assert pca.eps == 0.05
+    # the saved projection divides eigenvector i by sqrt(lam_i + 0.05 lam_max): its column norms say so
+    lam = pca.eigenvalues.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(pca.projection, axis=0), 1 / np.sqrt(lam + 0.05 * lam.max()), rtol=1e-3)

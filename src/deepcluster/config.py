@@ -66,6 +66,11 @@ class ClusterConfig:
     """Number of k-means clusters (paper: 10,000 for ImageNet's 1.3M images)."""
     pca_dim: int = 256
     whiten: bool = True
+    whiten_eps: float = 1e-6
+    """Regularised whitening: each principal component is divided by
+    ``sqrt(eigenvalue + whiten_eps * largest eigenvalue)``. 1e-6 (default) whitens fully,
+    as the paper; larger values equalise the strong directions and keep the weak ones (the
+    noise of a small data set) damped; a large value approaches no whitening."""
     niter: int = 20
     clusterings: int = 1
     """k-means runs per epoch on the same features, each with its own seed and its own new
@@ -285,6 +290,7 @@ def validate(cfg: Config) -> None:
         (cfg.cluster.k >= 1, "cluster.k must be >= 1"),
         (cfg.cluster.pca_dim >= 1, "cluster.pca_dim must be >= 1"),
         (cfg.cluster.niter >= 1, "cluster.niter must be >= 1"),
+        (cfg.cluster.whiten_eps > 0, "cluster.whiten_eps must be > 0"),
         (cfg.cluster.clusterings >= 1, "cluster.clusterings must be >= 1"),
         (cfg.cluster.clusterings == 1 or cfg.cluster.method == "kmeans",
          "cluster.clusterings > 1 needs cluster.method kmeans (PIC has no seed to vary)"),

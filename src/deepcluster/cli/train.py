@@ -30,7 +30,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
     "crop_scale": ("optim", "crop_scale"), "hflip": ("optim", "hflip"), "affine": ("optim", "affine"),
-    "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"),
+    "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"), "whiten_eps": ("cluster", "whiten_eps"),
     "jitter": ("optim", "jitter"), "blur": ("optim", "blur"), "bn": ("cluster", "bn"), "crops": ("optim", "crops"),
     "head": ("optim", "head"), "temperature": ("optim", "temperature"), "dropout": ("model", "dropout"),
     "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
     g.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
                    help="PCA without whitening (paper: whitened)")
+    g.add_argument("--whiten-eps", type=float,
+                   help="regularised whitening: components divided by sqrt(eigenvalue + EPS x the largest); "
+                        "default 1e-6 (full whitening, as the paper); larger values keep weak directions damped")
     g.add_argument("--cluster-feature", choices=["fc7", "backbone", "projection"],
                    help="what is clustered: fc7 (paper), backbone (the conv stack output, fc6's input) or "
                         "projection (DeepCluster-v2: a trained linear projection of ReLU(fc7), L2-normalised, "

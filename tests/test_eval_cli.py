@@ -122,3 +122,33 @@ def test_knn_and_clusters_on_another_feature_write_their_own_file(tiny_run, caps
     capsys.readouterr()
     assert run_eval("knn", "--checkpoint", str(tiny_run), "--feature", "conv9") != 0
     assert "unknown feature 'conv9'" in capsys.readouterr().err
+
+
+def test_clusters_repeats_report_each_draw_and_their_mean_and_sd(tiny_run, capsys):
+    from deepcluster.clustering import PCAWhitening, l2_normalize
+    from deepcluster.eval import cluster_scores
+    from deepcluster.eval.clusters import best_kmeans, clusters_eval
+    from deepcluster.eval.context import open_checkpoint
+
+    assert run_eval("clusters", "--checkpoint", str(tiny_run), "--n-init", "2", "--repeats", "3") == 0
+    out = json.loads((tiny_run / "eval" / "clusters.json").read_text())
+    assert "nmi_mean\t" in capsys.readouterr().out
+    draws, m = out["repeats"], out["metrics"]
+    assert len(draws) == 3 and draws[0] == {k: m[k] for k in ("nmi", "acc", "ari")}  # draw 0: the protocol's score
+    for key in ("nmi", "acc", "ari"):
+        values = np.array([d[key] for d in draws])
+        assert m[f"{key}_mean"] == pytest.approx(values.mean()) and m[f"{key}_sd"] == pytest.approx(values.std(ddof=1))
+    # reference: draw r is the lowest-loss of n_init k-means seeded seed + r * n_init on the chosen preprocessing
+    ctx = open_checkpoint(tiny_run, workers=0)
+    feature = ctx.encoder.feature(None)
+    train = np.asarray(ctx.store.get("train", [feature])[feature], dtype=np.float32)
+    test = np.asarray(ctx.store.get("test", [feature])[feature], dtype=np.float32)
+    prep = {"l2": l2_normalize, "whitened": PCAWhitening(32).fit(train).transform}[out["best"]]
+    for r, d in enumerate(draws):
+        want = cluster_scores(best_kmeans(prep(test), 10, 2, 20, ctx.seed + 2 * r), ctx.data.test_labels)
+        assert d == pytest.approx({k: want[k] for k in ("nmi", "acc", "ari")})
+    # one draw (the default) adds no mean / sd; a bad count is a one-line error
+    single = clusters_eval(ctx, n_init=2, write=False)
+    assert "nmi_mean" not in single["metrics"] and single["metrics"]["nmi"] == pytest.approx(m["nmi"])
+    assert run_eval("clusters", "--checkpoint", str(tiny_run), "--repeats", "0") == 1
+    assert "--repeats must be >= 1" in capsys.readouterr().err

@@ -96,6 +96,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(q, pixels=True)
     q.add_argument("--split", choices=["test", "train"], default="test", help="images clustered (default test)")
     q.add_argument("--n-init", type=int, default=3, help="k-means restarts, lowest loss kept (default 3)")
+    q.add_argument("--repeats", type=int, default=1,
+                   help="k-means draws (each of --n-init restarts, seeds SEED + r x n_init) on the chosen "
+                        "preprocessing; > 1 adds nmi/acc/ari _mean and _sd (draw 0 stays the reported score)")
     q.add_argument("--feature", help="default: what the run clustered (fc7, or backbone for --cluster-feature backbone); else fc7, backbone or conv1..conv5 (pooled), written to clusters-<feature>.json")
     q.set_defaults(func=cmd_eval)
 
@@ -162,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif p == "knn":
         out = knn_eval(ctx, k=args.k, temperature=args.temperature, feature=args.feature)
     elif p == "clusters":
-        out = clusters_eval(ctx, split=args.split, n_init=args.n_init, feature=args.feature)
+        out = clusters_eval(ctx, split=args.split, n_init=args.n_init, feature=args.feature, repeats=args.repeats)
     else:
         mode = "fc" if args.fc_only else "scratch" if args.from_scratch else "all"
         out = finetune_eval(ctx, args.label_fraction, mode, steps=args.steps, batch_size=args.train_batch_size,

@@ -239,8 +239,8 @@ def extract_reduced(model: DeepClusterNet, dataset: IndexedDataset, cfg: Config,
     shard = shard_indices(n)
     sample = sample_indices(n, resolve_pca_sample(n, model.feature_dim, c.pca_sample), seed)
     first = np.isin(shard, sample, assume_unique=True)
-    stream = StreamingPCA(PCAWhitening(c.pca_dim, whiten=c.whiten, eps=c.whiten_eps), len(shard), sample_rows=int(first.sum()),
-                          dtype=np.dtype(c.feature_dtype))
+    stream = StreamingPCA(PCAWhitening(c.pca_dim, whiten=c.whiten, eps=c.whiten_eps), len(shard),
+                          sample_rows=int(first.sum()), dtype=np.dtype(c.feature_dtype))
     t0 = time.perf_counter()
     bad = 0
     loader = make_loader(dataset, bs, workers, sampler=shard[first].tolist(), seed=seed)

@@ -143,7 +143,7 @@ def test_clusters_repeats_report_each_draw_and_their_mean_and_sd(tiny_run, capsy
     feature = ctx.encoder.feature(None)
     train = np.asarray(ctx.store.get("train", [feature])[feature], dtype=np.float32)
     test = np.asarray(ctx.store.get("test", [feature])[feature], dtype=np.float32)
-    prep = {"l2": l2_normalize, "whitened": PCAWhitening(32).fit(train).transform}[out["best"]]
+    prep = {"l2": l2_normalize, "whitened": PCAWhitening(out["pca_dim"]).fit(train).transform}[out["best"]]
     for r, d in enumerate(draws):
         want = cluster_scores(best_kmeans(prep(test), 10, 2, 20, ctx.seed + 2 * r), ctx.data.test_labels)
         assert d == pytest.approx({k: want[k] for k in ("nmi", "acc", "ari")})

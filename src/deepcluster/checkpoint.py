@@ -14,11 +14,8 @@ resumes with a warning, as bit-exact continuation is promised within one release
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,86 +23,13 @@ import numpy as np
 import torch
 
 from . import __version__
+from .io import atomic_write
 
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used as asked; the message names the mismatch."""
-
-
-# A write that fails for lack of room, and how to say so.
-_NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
-
-
-def _no_room_errno(e: BaseException) -> int | None:
-    """The errno of a no-room failure in ``e`` or its chain, else None.
-
-    ``torch.save`` reports a failed write as a ``RuntimeError`` ("unexpected pos ...")
-    whose ``__context__`` is the ``OSError``: the chain is searched.
-    """
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _NO_ROOM:
-            return e.errno
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux shows it (setting and
-    restoring it would briefly affect files other threads create)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write_fn) -> None:
-    """Call ``write_fn(file_object)`` on a temp file, fsync, then rename onto ``path``.
-
-    The temp file is ``.<name>.<random>.tmp`` in the same directory. On any failure
-    (a full disk, a quota, a file-size limit, an exception, a signal) the temp file is
-    removed and ``path`` is untouched; a process killed outright (SIGKILL) may leave the
-    temp file behind, never a partial ``path``. A full disk is reported as one clear
-    ``OSError`` whatever layer (``torch.save``, numpy) hit it.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private to one user
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        code = _no_room_errno(e)
-        if code is not None:
-            raise OSError(code, f"{_NO_ROOM[code]} while writing {path} ({os.strerror(code)}); "
-                                "the previous file is intact") from None
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

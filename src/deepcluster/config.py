@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .io import write_text
 
 
 class ConfigError(ValueError):
@@ -348,14 +348,4 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` to ``path`` atomically (a run resumes from this file: never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

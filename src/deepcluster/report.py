@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .io import atomic_write
 from .viz import curves
 from .viz.activations import check_layer, forward_pass, pick_filters, plot_top_images, top_activating
 from .viz.clusters import cluster_members, cluster_title, contact_sheet, pick_clusters, plot_contact_sheet

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import atomic_write, check_compatible, load_checkpoint, rng_state, save_checkpoint
+from .io import atomic_write
+from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint
 from .clustering import (PCAWhitening, StreamingPCA, faiss_has_gpu, kmeans, resolve_pca_sample, run_pic,
                          sample_indices)
 from .config import Config, save_yaml

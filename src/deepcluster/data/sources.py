@@ -270,7 +270,7 @@ class _ScanMemo:
 
     def save(self, paths: Sequence[str]) -> None:
         """Write the entries of ``paths`` (the folder's files now; deleted ones are dropped)."""
-        from ..checkpoint import atomic_write
+        from ..io import atomic_write
 
         keep = {rel: self.entries[rel] for rel in (os.path.relpath(p, self.base) for p in paths) if rel in self.entries}
         text = json.dumps({"root": self.root, "entries": keep})

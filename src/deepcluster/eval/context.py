@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write, load_model
+from ..checkpoint import CheckpointError, load_model
+from ..io import atomic_write
 from ..machine import machine_info
 from ..models import DeepClusterNet
 from .features import Encoder, FeatureStore, NetEncoder, PixelEncoder, is_greyscale

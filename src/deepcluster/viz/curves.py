@@ -44,7 +44,7 @@ def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
 
 def save_figure(fig: Figure, path) -> None:
     """Write ``fig`` atomically (a reader, or a crash, never sees half a file) and close it."""
-    from ..checkpoint import atomic_write
+    from ..io import atomic_write
 
     fmt = Path(path).suffix.lstrip(".") or "png"
     try:

@@ -104,7 +104,7 @@ def save_png(img: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     path = Path(path)
-    from ..checkpoint import atomic_write
+    from ..io import atomic_write
 
     atomic_write(path, lambda f: pil.save(f, format="PNG"))
     return path

@@ -30,7 +30,8 @@ from epoch_overhead import replace_section  # noqa: E402
 from machine import machine_info, machine_line  # noqa: E402
 
 from deepcluster.config import resolve  # noqa: E402
-from deepcluster.train import autocast, build_model, native_bf16  # noqa: E402
+from deepcluster.runtime import autocast, native_bf16
+from deepcluster.train import build_model  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SETTINGS = [("float32", "none", False), ("float32 + channels_last", "none", True),

@@ -31,19 +31,21 @@ from machine import machine_info, machine_line  # noqa: E402
 
 from deepcluster.config import resolve  # noqa: E402
 from deepcluster.data import IndexedDataset, LabelledDataset, cluster_transform, image_spec, train_transform  # noqa: E402
-from deepcluster.train import (build_head_optimizer, build_model, build_optimizer, build_training_source,  # noqa: E402
-                               run_epoch)
+from deepcluster.optim import build_head_optimizer, build_optimizer  # noqa: E402
+from deepcluster.rundir import RunDir  # noqa: E402
+from deepcluster.session import Session, build_model, build_training_source  # noqa: E402
+from deepcluster.train import run_epoch  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def supervised_epoch(model, optimizer, source, spec, cfg) -> float:
     """One epoch of cross-entropy on the true labels; returns seconds."""
-    ds = LabelledDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip))
+    ds = LabelledDataset(source, train_transform(spec, cfg.augment.crop_scale, cfg.augment.hflip))
     g = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True,
                                          num_workers=cfg.run.workers, generator=g)
-    head_opt = build_head_optimizer(model, cfg)
+    head_opt = build_head_optimizer(list(model.head.parameters()), cfg)
     model.train()
     crit = nn.CrossEntropyLoss()
     t0 = time.perf_counter()
@@ -77,12 +79,13 @@ def main() -> None:
     sup_model = build_model(cfg, spec.size, n_cls)
     sup_opt = build_optimizer(sup_model, cfg)
     cluster_ds = IndexedDataset(source, cluster_transform(spec))
-    train_ds = IndexedDataset(source, train_transform(spec, cfg.optim.crop_scale, cfg.optim.hflip))
-    history = np.zeros((0, len(source)), dtype=np.int32)
+    train_ds = IndexedDataset(source, train_transform(spec, cfg.augment.crop_scale, cfg.augment.hflip))
+    session = Session(cfg, RunDir("/tmp/unused"), torch.device("cpu"), dc_model, dc_opt, cluster_ds, train_ds, labels,
+                      {}, history=np.zeros((0, len(source)), dtype=np.int32))
     dc, sup = [], []
     for r in range(args.rounds):
-        rec = run_epoch(cfg, r, dc_model, dc_opt, cluster_ds, train_ds, labels, history, torch.device("cpu"))
-        history = np.concatenate([history, rec.pop("_assignments")[None].astype(np.int32)])
+        rec = run_epoch(session, r)
+        session.history = np.concatenate([session.history, rec.pop("_assignments")[None].astype(np.int32)])
         dc.append({k: rec[k] for k in ("extract_s", "pca_s", "kmeans_s", "train_s", "epoch_s")})
         sup_model.reset_head(n_cls)
         sup.append(supervised_epoch(sup_model, sup_opt, source, spec, cfg))

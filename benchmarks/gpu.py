@@ -1,9 +1,9 @@
 """GPU throughput of the three DeepCluster phases, on synthetic data already on the device.
 
 1. **train**: AlexNet (Sobel, BN) at 224 px, head of ``--k`` clusters, SGD as in the
-   paper, through :func:`deepcluster.train.train_one_epoch` (the training loop's own
+   paper, through :func:`deepcluster.optim.train_one_epoch` (the training loop's own
    step) with ``--amp bf16`` and ``channels_last``; images/s after a warm-up.
-2. **extract**: :func:`deepcluster.train.iter_features` (eval mode, fc7 before ReLU,
+2. **extract**: :func:`deepcluster.features.iter_features` (eval mode, fc7 before ReLU,
    copied back to the host as in the loop); images/s.
 3. **k-means**: ``kmeans(backend="torch")`` on 1,281,167 x 256 unit vectors on the
    GPU, k = 10,000, 20 iterations (ImageNet at the paper's k); seconds. Target: < 15 s.
@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 from deepcluster.clustering import faiss_has_gpu, kmeans  # noqa: E402
 from deepcluster.models import create_model  # noqa: E402
-from deepcluster.train import iter_features, train_one_epoch  # noqa: E402
+from deepcluster.features import eval_mode, iter_features  # noqa: E402
+from deepcluster.optim import train_one_epoch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,13 +65,14 @@ def bench_train(model, device, batch, steps, warmup, amp, channels_last, k) -> f
 def bench_extract(model, device, batch, steps, warmup, amp, channels_last) -> float:
     images = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
     idx = torch.arange(batch)
-    for _ in iter_features(model, [(images, idx)] * warmup, device, amp, channels_last):
-        pass
-    sync(device)
-    t0 = time.perf_counter()
-    n = 0
-    for i, f in iter_features(model, [(images, idx)] * steps, device, amp, channels_last):
-        n += len(i)
+    with eval_mode(model):
+        for _ in iter_features(model.forward_features, [(images, idx)] * warmup, device, amp, channels_last):
+            pass
+        sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for i, _, _ in iter_features(model.forward_features, [(images, idx)] * steps, device, amp, channels_last):
+            n += len(i)
     sync(device)
     return n / (time.perf_counter() - t0)
 

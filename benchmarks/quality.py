@@ -497,7 +497,7 @@ def fmt_machine(m: Any) -> str:
 def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
     """What a run's settings change from its preset, e.g. ``["PIC", "lr_schedule cosine"]``
     (model, clustering and optimisation keys, and ``run.amp``; the epochs are reported separately)."""
-    from deepcluster.config import Config, resolve
+    from deepcluster.config import Config, migrate, resolve
 
     try:
         preset = resolve(preset=cfg.get("preset") or "paper").to_dict()
@@ -506,8 +506,9 @@ def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
     # A key missing from an older run's config is an option added since: the run had its
     # default (the paper's behaviour), which may differ from today's preset.
     defaults = Config().to_dict()
+    cfg = migrate(cfg)  # older runs kept the augmentation in optim
     out = []
-    for section in ("model", "cluster", "optim"):
+    for section in ("model", "cluster", "augment", "optim"):
         for key, value in {**defaults[section], **cfg.get(section, {})}.items():
             if key == "epochs" or preset[section].get(key) == value:  # to_dict gives lists, as YAML does
                 continue

@@ -20,6 +20,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, machine_line  # noqa: E402
 
+from deepcluster.config import migrate  # noqa: E402
+
 
 def fmt(v, spec=".3f") -> str:
     return "—" if v is None else format(v, spec)
@@ -53,7 +55,8 @@ def main() -> None:
                     f"{r['cluster_size_median']:.0f} / {r['cluster_size_max']} | {r['extract_s']:.0f} | {r['pca_s']:.1f} "
                     f"| {r['kmeans_s']:.1f} | {r['train_s']:.0f} | {r['images_per_s']:.0f} |")
     total = sum(r["epoch_s"] for r in records)
-    m, c, o = cfg["model"], cfg["cluster"], cfg["optim"]
+    cfg = migrate(cfg)  # older runs kept the augmentation in optim
+    m, c, o = cfg["model"], cfg["cluster"], {**cfg["optim"], **cfg.get("augment", {})}
     preset = cfg.get("preset") or "paper"
     which = "the **paper's settings**" if preset == "paper" else f"the **`{preset}` preset**"
     machine = ("a 2-core CPU that was shared with other jobs during this run (the seconds below are therefore upper "

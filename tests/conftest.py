@@ -49,13 +49,15 @@ def train_tiny(root, out, **sections):
     PCA 32, 2 epochs of batch 64, no loader workers. ``sections`` update the settings
     key by key, e.g. ``run={"seed": 3}``."""
     from deepcluster.config import resolve
+    from deepcluster.monitor import default_callbacks
     from deepcluster.train import train
 
     overrides = {"data": {"root": str(root), "download": False}, "cluster": {"k": 10, "pca_dim": 32},
                  "optim": {"epochs": 2, "batch_size": 64}, "run": {"output_dir": str(out), "workers": 0}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
-    train(resolve(overrides=overrides))
+    cfg = resolve(overrides=overrides)
+    train(cfg, callbacks=default_callbacks(cfg))  # as deepcluster train runs it
     return out
 
 
@@ -79,3 +81,14 @@ def assigned_like_training(run, root, tmp_path) -> float:
     assert len(rows) == len(source)
     last = np.load(run / "assignments.npy")[-1]
     return float(np.mean([int(r["cluster"]) == last[int(r["path"].rsplit("/", 1)[1][:5])] for r in rows]))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The reliability matrix's figures (quoted in docs/RELIABILITY.md), when it ran."""
+    import sys
+
+    for mod in list(sys.modules.values()):
+        figures = getattr(mod, "FIGURES", None)
+        if getattr(mod, "__name__", "").endswith("test_reliability") and figures and any(figures.values()):
+            terminalreporter.write_line(f"reliability figures: SIGKILL points survived {figures['sigkill']}, "
+                                        f"bad files tried {figures['bad_files']}, committed bytes lost 0")

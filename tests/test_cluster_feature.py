@@ -11,6 +11,7 @@ from deepcluster.checkpoint import CheckpointError, load_checkpoint, load_model
 from deepcluster.cli import main
 from deepcluster.config import ConfigError, resolve
 from deepcluster.models import create_model
+from deepcluster.strategies import choose_head
 from deepcluster.train import TrainingError, train
 
 
@@ -39,7 +40,7 @@ def test_unknown_cluster_feature_and_centroid_head_are_refused():
     with pytest.raises(ConfigError, match="cluster.feature"):
         resolve(overrides={"cluster": {"feature": "conv3"}})
     with pytest.raises(ConfigError, match="not cluster.feature backbone"):
-        resolve(overrides={"cluster": {"feature": "backbone"}, "optim": {"head": "centroids"}})
+        choose_head(resolve(overrides={"cluster": {"feature": "backbone"}, "optim": {"head": "centroids"}}))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import train_tiny
 from deepcluster.checkpoint import load_model
 from deepcluster.config import ConfigError, resolve
+from deepcluster.strategies import choose_head
 from deepcluster.models import MultiHeadClassifier, create_model
-from deepcluster.train import pseudo_label_loss
+from deepcluster.optim import pseudo_label_loss
 
 
 def test_the_loss_is_the_mean_of_each_heads_cross_entropy():
@@ -52,29 +53,30 @@ def test_settings_that_cannot_combine_are_refused():
         resolve(overrides={"cluster": {"clusterings": 0}})
     with pytest.raises(ConfigError, match="needs cluster.method kmeans"):
         resolve(overrides={"cluster": {"clusterings": 2, "method": "pic"}})
-    with pytest.raises(ConfigError, match="needs optim.head random"):
-        resolve(overrides={"cluster": {"clusterings": 2}, "optim": {"head": "centroids"}})
+    with pytest.raises(ConfigError, match="needs optim.head random"):  # refused where the head seam is chosen
+        choose_head(resolve(overrides={"cluster": {"clusterings": 2}, "optim": {"head": "centroids"}}))
 
 
 def test_a_run_with_three_clusterings_trains_every_head(tiny_mnist_root, tmp_path, monkeypatch):
+    import deepcluster.optim as optim_mod
     import deepcluster.train as train_mod
 
     seen = []
-    real_cluster = train_mod.cluster_reduced
+    real_cluster = train_mod.cluster_shards
 
     def spy(x, indices, num_images, cfg, seed, device=None):
         seen.append(seed)
         return real_cluster(x, indices, num_images, cfg, seed, device)
 
-    real_loss = train_mod.pseudo_label_loss
+    real_loss = optim_mod.pseudo_label_loss
     shapes = []
 
     def loss_spy(logits, targets, weights=None):
         shapes.append((tuple(logits.shape), tuple(targets.shape), None if weights is None else tuple(weights.shape)))
         return real_loss(logits, targets, weights)
 
-    monkeypatch.setattr(train_mod, "cluster_reduced", spy)
-    monkeypatch.setattr(train_mod, "pseudo_label_loss", loss_spy)
+    monkeypatch.setattr(train_mod, "cluster_shards", spy)
+    monkeypatch.setattr(optim_mod, "pseudo_label_loss", loss_spy)
     run = train_tiny(tiny_mnist_root, tmp_path / "run", cluster={"clusterings": 3},
                      optim={"balance": "weight", "epochs": 2})
     assert len(seen) == 6 and len(set(seen)) == 6  # 3 k-means per epoch, every one with its own seed
@@ -87,16 +89,17 @@ def test_a_run_with_three_clusterings_trains_every_head(tiny_mnist_root, tmp_pat
 
 
 def test_one_clustering_with_loss_weights_trains_on_a_k_vector(tiny_mnist_root, tmp_path, monkeypatch):
+    import deepcluster.optim as optim_mod
     import deepcluster.train as train_mod
 
-    real_loss = train_mod.pseudo_label_loss
+    real_loss = optim_mod.pseudo_label_loss
     shapes = []
 
     def loss_spy(logits, targets, weights=None):
         shapes.append((tuple(logits.shape), tuple(targets.shape), tuple(weights.shape)))
         return real_loss(logits, targets, weights)
 
-    monkeypatch.setattr(train_mod, "pseudo_label_loss", loss_spy)
+    monkeypatch.setattr(optim_mod, "pseudo_label_loss", loss_spy)
     train_tiny(tiny_mnist_root, tmp_path / "run", optim={"balance": "weight", "epochs": 1})
     logits_shape, target_shape, weight_shape = shapes[0]
     assert len(logits_shape) == 2 and logits_shape[1] == 10 and len(target_shape) == 1 and weight_shape == (10,)

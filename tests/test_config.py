@@ -1,6 +1,6 @@
 import pytest
 
-from deepcluster.config import Config, ConfigError, config_from_dict, load_yaml, resolve, save_yaml
+from deepcluster.config import Config, ConfigError, config_from_dict, config_from_saved, load_yaml, resolve, save_yaml
 
 
 def test_defaults_are_the_papers():
@@ -10,10 +10,10 @@ def test_defaults_are_the_papers():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = resolve(overrides={"cluster": {"k": 33}, "optim": {"crop_scale": [0.2, 1.0]}})
+    cfg = resolve(overrides={"cluster": {"k": 33}, "augment": {"crop_scale": [0.2, 1.0]}})
     save_yaml(cfg, tmp_path / "c.yaml")
     again = resolve(file=tmp_path / "c.yaml")
-    assert again == cfg and again.optim.crop_scale == (0.2, 1.0)
+    assert again == cfg and again.augment.crop_scale == (0.2, 1.0)
 
 
 def test_flags_override_file(tmp_path):
@@ -47,10 +47,10 @@ def test_bad_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize("d, match", [
-    ({"optim": {"affine": -1.0}}, "optim.affine"),
-    ({"optim": {"erasing": 1.5}}, "optim.erasing"),
-    ({"optim": {"jitter": -0.5}}, "optim.jitter"),
-    ({"optim": {"blur": 1.5}}, "optim.blur"),
+    ({"augment": {"affine": -1.0}}, "augment.affine"),
+    ({"augment": {"erasing": 1.5}}, "augment.erasing"),
+    ({"augment": {"jitter": -0.5}}, "augment.jitter"),
+    ({"augment": {"blur": 1.5}}, "augment.blur"),
     ({"model": {"dropout": 1.0}}, "model.dropout"),
 ])
 def test_augmentation_and_dropout_ranges(d, match):
@@ -72,10 +72,10 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
                               "--erasing", "0.25", "--dropout", "0.1", "--no-whiten", "--jitter", "0.5",
                               "--blur", "0.3", "--whiten-eps", "0.01"])
     cfg = resolve(overrides=cli_train.flags_to_overrides(args, cli_train.TRAIN_FLAGS))
-    assert cfg.optim.crop_scale == (0.4, 0.9) and cfg.optim.hflip is False
-    assert (cfg.optim.affine, cfg.optim.erasing, cfg.model.dropout, cfg.cluster.whiten) == (0.5, 0.25, 0.1, False)
-    assert (cfg.optim.jitter, cfg.optim.blur, cfg.cluster.whiten_eps) == (0.5, 0.3, 0.01)
-    ops = train_transform_from(image_spec("fashion-mnist"), cfg.to_dict()["optim"]).transforms
+    assert cfg.augment.crop_scale == (0.4, 0.9) and cfg.augment.hflip is False
+    assert (cfg.augment.affine, cfg.augment.erasing, cfg.model.dropout, cfg.cluster.whiten) == (0.5, 0.25, 0.1, False)
+    assert (cfg.augment.jitter, cfg.augment.blur, cfg.cluster.whiten_eps) == (0.5, 0.3, 0.01)
+    ops = train_transform_from(image_spec("fashion-mnist"), cfg.augment).transforms
     kinds = [type(o) for o in ops]
     assert kinds == [T.RandomAffine, T.RandomResizedCrop, T.RandomApply, T.RandomApply, T.ToTensor, T.Normalize,
                      T.RandomErasing]
@@ -86,7 +86,8 @@ def test_augmentation_flags_reach_the_config_and_the_transform():
     # Off by default: the paper's crop + flip only (also for a run's config that predates the keys).
     plain = [type(o) for o in train_transform(image_spec("fashion-mnist")).transforms]
     assert plain == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
-    assert [type(o) for o in train_transform_from(image_spec("fashion-mnist"), {}).transforms] == plain
+    old = config_from_saved({"optim": {"lr": 0.05}})  # a run's config that predates the keys
+    assert [type(o) for o in train_transform_from(image_spec("fashion-mnist"), old.augment).transforms] == plain
 
 
 def test_presets_paper_is_the_defaults_small_images_changes_only_what_the_ablation_chose():
@@ -99,3 +100,23 @@ def test_presets_paper_is_the_defaults_small_images_changes_only_what_the_ablati
     assert small["preset"] == "small-images"
     # flags and files still override a preset
     assert resolve(preset="small-images", overrides={"optim": {"epochs": 3}}).optim.epochs == 3
+
+
+def test_configs_of_older_runs_load_as_today_s_typed_config():
+    """Every config.yaml recorded in the repository (written before the augment section
+    existed, with the augmentation in optim) loads, migrated, with its values kept."""
+    from pathlib import Path
+
+    from deepcluster.config import config_from_saved
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(root.glob("experiments/runs/*/config.yaml")) + sorted(root.glob("docs/runs/*/config.yaml"))
+    assert files
+    for f in files:
+        raw = load_yaml(f)
+        cfg = config_from_saved(raw)
+        old_optim = raw.get("optim", {})
+        if "crop_scale" in old_optim:  # the old layout: moved, not lost
+            assert cfg.augment.crop_scale == tuple(old_optim["crop_scale"])
+            assert cfg.augment.jitter == old_optim.get("jitter", 0.0)
+        assert cfg.optim.epochs == old_optim.get("epochs", cfg.optim.epochs)

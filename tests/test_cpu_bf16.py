@@ -13,7 +13,7 @@ from conftest import train_tiny
 from deepcluster.checkpoint import load_model
 from deepcluster.config import ConfigError, resolve
 from deepcluster.models import create_model
-from deepcluster.train import autocast, native_bf16, resolve_amp
+from deepcluster.runtime import autocast, native_bf16, resolve_amp
 
 CPU = torch.device("cpu")
 

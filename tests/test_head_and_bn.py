@@ -16,7 +16,7 @@ from deepcluster.config import ConfigError, resolve
 from deepcluster.data import IndexedDataset, build_source, cluster_transform, image_spec
 from deepcluster.metrics import match_clusters
 from deepcluster.models import create_model
-from deepcluster.train import carry_head, recompute_bn_stats
+from deepcluster.strategies import carry_head, recompute_bn_stats
 
 
 def test_match_clusters_maximises_the_overlap_like_brute_force():
@@ -90,7 +90,7 @@ def test_runs_with_matched_head_and_recomputed_bn(tiny_mnist_root, tmp_path):
 
 
 def test_multi_view_training_gives_every_view_its_images_pseudo_label(tiny_mnist_root, tmp_path, monkeypatch):
-    from deepcluster import train as train_module
+    from deepcluster import optim as optim_module
     from deepcluster.data import MultiView
 
     views = MultiView(lambda img: torch.full((1, 2, 2), float(img)), 3)
@@ -98,14 +98,14 @@ def test_multi_view_training_gives_every_view_its_images_pseudo_label(tiny_mnist
     with pytest.raises(ValueError, match="views"):
         MultiView(lambda img: img, 0)
     seen = []
-    real = train_module.pseudo_label_loss
+    real = optim_module.pseudo_label_loss
 
     def spy(logits, targets, weights=None):
         seen.append((logits.shape[0], targets.clone()))
         return real(logits, targets, weights)
 
-    monkeypatch.setattr(train_module, "pseudo_label_loss", spy)
-    out = train_tiny(tiny_mnist_root, tmp_path / "run", optim={"crops": 2, "epochs": 1, "batch_size": 16})
+    monkeypatch.setattr(optim_module, "pseudo_label_loss", spy)
+    out = train_tiny(tiny_mnist_root, tmp_path / "run", augment={"crops": 2}, optim={"epochs": 1, "batch_size": 16})
     assert seen and all(n == len(t) and n % 2 == 0 for n, t in seen)
     assert all(torch.equal(t[0::2], t[1::2]) for _, t in seen)  # views of one image are adjacent, same label
     # one epoch trains every image once (the sampler draws N), twice as views

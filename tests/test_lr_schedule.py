@@ -9,7 +9,8 @@ import pytest
 from conftest import train_tiny
 from deepcluster.checkpoint import load_checkpoint
 from deepcluster.config import ConfigError, resolve
-from deepcluster.train import epoch_lr, train
+from deepcluster.optim import epoch_lr
+from deepcluster.train import train
 
 
 def test_cosine_values():

@@ -86,7 +86,7 @@ def test_a_row_is_named_by_what_the_run_changes_from_its_preset(quality):
     plain = resolve(preset="small-images").to_dict()
     assert quality.changes_from_preset(plain) == []
     changed = resolve(preset="small-images", overrides={
-        "optim": {"balance": "weight", "epochs": 3, "crop_scale": [0.5, 1.0]},
+        "optim": {"balance": "weight", "epochs": 3}, "augment": {"crop_scale": [0.5, 1.0]},
         "cluster": {"method": "pic", "feature": "backbone"}, "run": {"amp": "fp16", "workers": 0}}).to_dict()
     assert sorted(quality.changes_from_preset(changed)) == ["PIC", "amp fp16", "balance weight", "feature backbone"]
     # a run from before an option existed had its default, which the row must name

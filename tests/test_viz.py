@@ -19,7 +19,7 @@ from deepcluster.viz.clusters import cluster_members, cluster_purity_of, contact
 from deepcluster.viz.filters import filter_grid, first_layer_filters
 from deepcluster.viz.images import make_grid, save_png, to_display
 from deepcluster.viz.neighbors import nearest_neighbors, neighbor_label_agreement
-from deepcluster.viz.run import Run
+from deepcluster.rundir import Run
 from deepcluster.viz.synthesis import gaussian_blur, layer_mean_activations, noise_images, synthesize
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .config import Config, ConfigError, config_from_saved
 from .io import atomic_write
 
 FORMAT_VERSION = 1
@@ -99,6 +100,23 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str 
         logging.getLogger(__name__).warning(
             "resuming a run written by deepcluster %s with %s: the continuation may differ from an "
             "uninterrupted run of either release", have, __version__)
+
+
+def saved_config(state: dict[str, Any], where: str = "the checkpoint") -> Config:
+    """The typed :class:`~deepcluster.config.Config` a checkpoint was trained with
+    (older layouts migrated by :func:`~deepcluster.config.config_from_saved`).
+
+    Raises:
+        CheckpointError: the checkpoint holds no configuration, or an invalid one.
+    """
+    d = state.get("config")
+    if not isinstance(d, dict) or not d:
+        raise CheckpointError(f"{where} has no training configuration (state['config']); "
+                              "it was not written by deepcluster train")
+    try:
+        return config_from_saved(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{where} holds an invalid configuration: {e}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,11 +14,14 @@ and a ``collapse_warning`` string in the epoch's metrics record, naming likely c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import Config
 from .metrics import nmi
+
+if TYPE_CHECKING:  # the configuration is only read here (names of settings in the message)
+    from .config import Config
 
 MAX_CLUSTER_FRACTION = 0.5
 """A cluster holding more than this fraction of the images is a collapse."""

@@ -40,7 +40,7 @@ from .clustering import PCAWhitening
 from .data import DataError, IndexedDataset, cluster_transform, image_spec
 from .data.sources import IMAGE_EXTENSIONS
 from .models import DeepClusterNet
-from .viz.run import Run, ensure_writable_dir
+from .rundir import Run, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 

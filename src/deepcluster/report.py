@@ -38,9 +38,9 @@ from .viz import curves
 from .viz.activations import check_layer, forward_pass, pick_filters, plot_top_images, top_activating
 from .viz.clusters import cluster_members, cluster_title, contact_sheet, pick_clusters, plot_contact_sheet
 from .viz.filters import plot_filters
-from .viz.images import save_png
+from .viz.images import run_display, save_png
 from .viz.neighbors import nearest_neighbors, neighbor_label_agreement, plot_neighbors
-from .viz.run import CHECKPOINT, Run, ensure_writable_dir, read_assignments, read_metrics, sample_indices
+from .rundir import CHECKPOINT, Run, RunDir, ensure_writable_dir, sample_indices
 from .viz.synthesis import plot_synthesis, synthesis_display, synthesize
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options
     """
     opt = options or ReportOptions()
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = RunDir(run_dir).read_metrics(required=True)
     out = ensure_writable_dir(out_dir if out_dir is not None else run_dir / "report")
     timer = _Timer()
     sections: list[Section] = []
@@ -145,7 +145,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options
     if (run_dir / CHECKPOINT).is_file():
         run = Run.load(run_dir, require_metrics=True, device=device)
         check_layer(run.model, opt.layer)
-    assignments = run.assignments if run is not None else read_assignments(run_dir)
+    assignments = run.assignments if run is not None else RunDir(run_dir).read_assignments()
 
     sections.append(timer.section("curves", lambda: _curves_section(records, out)))
     if assignments is not None and len(assignments):
@@ -252,7 +252,7 @@ def _top_section(run: Run, opt: ReportOptions, sample: dict[str, Any], filters: 
     top = top_activating(sample["scores"], filters, opt.top_k)
     rows = np.unique(top)
     disp = np.zeros((len(sample["x"]),) + tuple(sample["x"].shape[2:]) + (3,))
-    disp[rows] = run.display(sample["x"][rows])
+    disp[rows] = run_display(run, sample["x"][rows])
     _save(plot_top_images(disp, top, filters, opt.layer), out / "top_images.png")
     return Section("top", f"Top-{opt.top_k} activating images ({opt.layer})", "", [Figure_("top_images.png", (
         f"For {len(filters)} random live filters of {opt.layer}, the {opt.top_k} images of a random sample of "
@@ -293,7 +293,7 @@ def _neighbors_section(run: Run, opt: ReportOptions, sample: dict[str, Any], out
     nn_r = nearest_neighbors(sample["random_features"], queries, k)
     rows = np.unique(np.concatenate([queries, nn_t.ravel(), nn_r.ravel()]))
     disp = np.zeros((n,) + tuple(sample["x"].shape[2:]) + (3,))
-    disp[rows] = run.display(sample["x"][rows])
+    disp[rows] = run_display(run, sample["x"][rows])
     labels = sample["labels"]
     _save(plot_neighbors(disp, queries, nn_r, nn_t, labels, run.class_names), out / "neighbors.png")
     caption = (f"Each row: a query image from the sample, its {k} nearest neighbours (cosine similarity of the "
@@ -319,7 +319,7 @@ def _clusters_section(run: Run, opt: ReportOptions, out: Path) -> Section:
 
     def load(i: int) -> np.ndarray:
         if i not in tf_cache:
-            tf_cache[i] = run.display(run.load_images(np.array([i])))[0]
+            tf_cache[i] = run_display(run, run.load_images(np.array([i])))[0]
         return tf_cache[i]
 
     figs = []

@@ -29,9 +29,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
-    "crop_scale": ("optim", "crop_scale"), "hflip": ("optim", "hflip"), "affine": ("optim", "affine"),
-    "erasing": ("optim", "erasing"), "whiten": ("cluster", "whiten"), "whiten_eps": ("cluster", "whiten_eps"),
-    "jitter": ("optim", "jitter"), "blur": ("optim", "blur"), "bn": ("cluster", "bn"), "crops": ("optim", "crops"),
+    "crop_scale": ("augment", "crop_scale"), "hflip": ("augment", "hflip"), "affine": ("augment", "affine"),
+    "erasing": ("augment", "erasing"), "whiten": ("cluster", "whiten"), "whiten_eps": ("cluster", "whiten_eps"),
+    "jitter": ("augment", "jitter"), "blur": ("augment", "blur"), "bn": ("cluster", "bn"), "crops": ("augment", "crops"),
     "head": ("optim", "head"), "temperature": ("optim", "temperature"), "dropout": ("model", "dropout"),
     "sync_bn": ("run", "sync_bn"), "dist_timeout": ("run", "dist_timeout"),
 }
@@ -143,6 +143,7 @@ def flags_to_overrides(args: argparse.Namespace, table: dict[str, tuple[str, str
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..monitor import default_callbacks
     from ..train import train
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -157,6 +158,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if out and (Path(out) / "config.yaml").exists():
             config_file = str(Path(out) / "config.yaml")  # resume with the run's own settings
     cfg = resolve(args.preset, config_file, overrides)
-    train(cfg)
+    train(cfg, callbacks=default_callbacks(cfg))
     logger.info("done: %s (metrics.jsonl, nmi.png, checkpoint.pt)", cfg.run.output_dir)
     return 0

@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _out(args: argparse.Namespace) -> Path:
-    from ..viz.run import ensure_writable_dir
+    from ..rundir import ensure_writable_dir
 
     run = Path(args.run)
     base = run if run.is_dir() else run.parent
@@ -90,7 +90,7 @@ def _out(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace):
-    from ..viz.run import Run
+    from ..rundir import Run
 
     return Run.load(args.run, device=args.device)
 
@@ -105,18 +105,18 @@ def cmd_curves(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..viz import curves
-    from ..viz.run import read_assignments, read_metrics
+    from ..rundir import RunDir
 
     run = Path(args.run)
     run_dir = run if run.is_dir() else run.parent
-    records = read_metrics(run_dir)
+    records = RunDir(run_dir).read_metrics(required=True)
     out = _out(args)
     paths = []
     for name, fn in (("nmi", curves.plot_nmi), ("losses", curves.plot_losses), ("sizes", curves.plot_cluster_sizes),
                      ("timings", curves.plot_timings)):
         paths.append(out / f"{name}.png")
         curves.save_figure(fn(records), paths[-1])
-    hist = read_assignments(run_dir)
+    hist = RunDir(run_dir).read_assignments()
     if hist is not None and len(hist):
         paths.append(out / "size_histogram.png")
         curves.save_figure(curves.plot_size_histogram(np.bincount(hist[-1].astype(np.int64))), paths[-1])
@@ -156,6 +156,7 @@ def _filters(args: argparse.Namespace, run, scores=None) -> list[int]:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    from ..viz.images import run_display
     import numpy as np
 
     from ..report import ReportOptions, sample_pass
@@ -170,7 +171,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     top = top_activating(s["scores"], filters, args.k)
     disp = np.zeros((len(s["x"]),) + tuple(s["x"].shape[2:]) + (3,))
     rows = np.unique(top)
-    disp[rows] = run.display(s["x"][rows])
+    disp[rows] = run_display(run, s["x"][rows])
     path = out / f"top_images_{args.layer}.png"
     save_figure(plot_top_images(disp, top, filters, args.layer), path)
     return _done([path])
@@ -193,6 +194,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbors(args: argparse.Namespace) -> int:
+    from ..viz.images import run_display
     import numpy as np
 
     from ..report import ReportOptions, sample_pass
@@ -209,13 +211,14 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     nn_r = nearest_neighbors(s["random_features"], queries, k)
     rows = np.unique(np.concatenate([queries, nn_t.ravel(), nn_r.ravel()]))
     disp = np.zeros((n,) + tuple(s["x"].shape[2:]) + (3,))
-    disp[rows] = run.display(s["x"][rows])  # only the pictures shown
+    disp[rows] = run_display(run, s["x"][rows])  # only the pictures shown
     path = out / "neighbors.png"
     save_figure(plot_neighbors(disp, queries, nn_r, nn_t, s["labels"], run.class_names), path)
     return _done([path])
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
+    from ..viz.images import run_display
     import numpy as np
 
     from ..viz.clusters import (ClusterPick, cluster_members, cluster_purity_of, cluster_title, contact_sheet,
@@ -241,7 +244,7 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     paths = []
     for p in picks:
         members = cluster_members(last, p.cluster, args.per_cluster, args.seed)
-        sheet = contact_sheet(lambda i: run.display(run.load_images(np.array([i])))[0], members)
+        sheet = contact_sheet(lambda i: run_display(run, run.load_images(np.array([i])))[0], members)
         paths.append(out / f"cluster_{p.cluster:05d}.png")
         save_figure(plot_contact_sheet(sheet, cluster_title(p, run.class_names)), paths[-1])
     return _done(paths)

@@ -4,8 +4,9 @@ rule, and PIC (arrays in, assignments out; nothing here knows about models or da
 from .kmeans import BACKENDS, KMeansResult, faiss_has_gpu, kmeans, split_empty_clusters
 from .pic import PICResult, knn_graph, run_pic
 from .preprocess import PCAWhitening, l2_normalize
+from .sharded import cluster_shards
 from .streaming import StreamingPCA, default_pca_sample, fit_pca_sharded, resolve_pca_sample, sample_indices
 
-__all__ = ["BACKENDS", "KMeansResult", "PCAWhitening", "PICResult", "StreamingPCA", "default_pca_sample",
+__all__ = ["BACKENDS", "KMeansResult", "PCAWhitening", "PICResult", "StreamingPCA", "cluster_shards", "default_pca_sample",
            "faiss_has_gpu", "fit_pca_sharded", "kmeans", "knn_graph", "l2_normalize", "resolve_pca_sample",
            "run_pic", "sample_indices", "split_empty_clusters"]

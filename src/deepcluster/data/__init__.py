@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import DataConfig
 from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
 from .sources import DataError, FolderSource, ImageSource, TorchvisionSource, cifar10, mnist_like, stl10
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageSpec, MultiView, cluster_transform, train_transform,
@@ -79,21 +80,26 @@ def build_source(name: str, root: str | None = None, split: str = "train", downl
     return FolderSource(root, max_bad_fraction=max_bad_fraction)
 
 
-def training_source(data: dict, seed: int) -> ImageSource:
-    """The images a run trained on, from its ``data`` config section (as a dict).
+def subset_indices(n: int, subset: int | None, seed: int) -> np.ndarray | None:
+    """The fixed random subset of ``subset`` of ``n`` images a run with ``seed`` uses
+    (sorted indices), or ``None`` for all of them. The one definition of the rule."""
+    if subset is None or subset >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, subset, replace=False))
+
+
+def training_source(data: DataConfig, seed: int, download: bool | None = None) -> ImageSource:
+    """The images a run trained on, from its ``data`` config section.
 
     The same source ``deepcluster train`` builds: ``build_source`` over ``name``,
     ``root``, ``split``, then, with ``subset``, the fixed random subset drawn with the
-    run's ``seed`` (sorted indices, so image ``i`` of the run is ``source.indices[i]``
-    of the split).
+    run's ``seed`` (:func:`subset_indices`, so image ``i`` of the run is
+    ``source.indices[i]`` of the split).
     """
-    source = build_source(data["name"], data.get("root"), data.get("split", "train"), data.get("download", True),
-                          data.get("max_bad_fraction", 0.5))
-    subset = data.get("subset")
-    if subset is not None and subset < len(source):
-        idx = np.sort(np.random.default_rng(seed).choice(len(source), subset, replace=False))
-        source = Subset(source, idx)
-    return source
+    source = build_source(data.name, data.root, data.split, data.download if download is None else download,
+                          data.max_bad_fraction)
+    idx = subset_indices(len(source), data.subset, seed)
+    return source if idx is None else Subset(source, idx)
 
 
 class IndexedDataset(Dataset):
@@ -154,6 +160,6 @@ class Subset(ImageSource):
 __all__ = [
     "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
     "IndexedDataset", "LabelledDataset", "MultiView", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
-    "balanced_plan", "build_source", "cluster_transform", "folder_image_size", "image_spec", "inverse_size_weights",
+    "balanced_plan", "build_source", "cluster_transform", "folder_image_size", "image_spec", "inverse_size_weights", "subset_indices",
     "train_transform", "train_transform_from", "training_source",
 ]

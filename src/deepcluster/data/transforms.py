@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torchvision import transforms as T
+
+from ..config import AugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,9 +97,7 @@ def train_transform(spec: ImageSpec, crop_scale: tuple[float, float] = (0.08, 1.
     return T.Compose(ops)
 
 
-def train_transform_from(spec: ImageSpec, optim: Mapping[str, Any]) -> T.Compose:
-    """:func:`train_transform` with the augmentation of a run's ``optim`` config section
-    (a mapping, as in ``config.yaml``; keys it lacks, from older runs, at their defaults)."""
-    return train_transform(spec, tuple(optim.get("crop_scale", (0.08, 1.0))), optim.get("hflip", True),
-                           affine=optim.get("affine", 0.0), erasing=optim.get("erasing", 0.0),
-                           jitter=optim.get("jitter", 0.0), blur=optim.get("blur", 0.0))
+def train_transform_from(spec: ImageSpec, augment: AugmentConfig) -> T.Compose:
+    """:func:`train_transform` with a run's ``augment`` config section."""
+    return train_transform(spec, tuple(augment.crop_scale), augment.hflip, affine=augment.affine,
+                           erasing=augment.erasing, jitter=augment.jitter, blur=augment.blur)

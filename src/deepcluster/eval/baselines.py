@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data import LabelledDataset, Subset, build_source, image_spec, train_transform_from
+from ..checkpoint import load_checkpoint, save_checkpoint, saved_config
+from ..data import LabelledDataset, Subset, build_source, image_spec, subset_indices, train_transform_from
 from .context import machine_info
 from .nettrain import fresh_model, train_network
 from .splits import require_labels
@@ -79,33 +79,30 @@ def train_supervised(checkpoint: str | Path, output: str | Path, *, epochs: int 
         DataError: the run's training data has no labels.
     """
     state = load_checkpoint(checkpoint)
-    cfg = state.get("config", {})
-    data, optim, run = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("run", {})
-    name, root = data.get("name", "fashion-mnist"), data_root or data.get("root")
+    cfg = saved_config(state, str(checkpoint))
+    name, root = cfg.data.name, data_root or cfg.data.root
     source = build_source(name, root, "train", False)
     labels = require_labels(source, "the supervised baseline", f"data set {name!r}" + (f" at {root}" if root else ""))
-    subset = subset if subset is not None else data.get("subset")
-    if subset is not None and subset < len(source):  # the training loop's subset rule
-        source = Subset(source, np.sort(np.random.default_rng(run.get("seed", 0)).choice(len(source), subset,
-                                                                                         replace=False)))
+    idx = subset_indices(len(source), subset if subset is not None else cfg.data.subset, cfg.run.seed)
+    if idx is not None:  # the training loop's subset rule
+        source = Subset(source, idx)
         labels = np.asarray(source.labels)
-    epochs = epochs if epochs is not None else int(state.get("epoch", optim.get("epochs", 1)))
+    epochs = epochs if epochs is not None else int(state.get("epoch", cfg.optim.epochs))
     if epochs < 1:
         raise ValueError(f"the supervised baseline needs >= 1 epoch, got {epochs}; pass --epochs")
     num_classes = int(labels.max()) + 1
     model = fresh_model(state)  # the DeepCluster run's initial weights
-    model.reset_head(num_classes, generator=torch.Generator().manual_seed(run.get("seed", 0)))
+    model.reset_head(num_classes, generator=torch.Generator().manual_seed(cfg.run.seed))
     spec = image_spec(name, state["meta"]["image_size"])
-    transform = train_transform_from(spec, optim)
-    bs = int(optim.get("batch_size", 256))
-    steps = epochs * math.ceil(len(source) / bs)
+    transform = train_transform_from(spec, cfg.augment)
+    opt = cfg.optim
+    steps = epochs * math.ceil(len(source) / opt.batch_size)
     logger.info("supervised baseline: %s on %d labelled images, %d epochs (%d steps of %d), lr %g constant",
-                state["meta"]["arch"], len(source), epochs, steps, bs, optim.get("lr", 0.05))
+                state["meta"]["arch"], len(source), epochs, steps, opt.batch_size, opt.lr)
     t0 = time.perf_counter()
-    stats = train_network(model, LabelledDataset(source, transform), steps=steps, batch_size=bs,
-                          lr=optim.get("lr", 0.05), momentum=optim.get("momentum", 0.9),
-                          weight_decay=optim.get("weight_decay", 1e-5), schedule="constant", trainable="all",
-                          seed=run.get("seed", 0), device=device, workers=workers, desc="supervised")
+    stats = train_network(model, LabelledDataset(source, transform), steps=steps, batch_size=opt.batch_size,
+                          lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, schedule="constant",
+                          trainable="all", seed=cfg.run.seed, device=device, workers=workers, desc="supervised")
     seconds = time.perf_counter() - t0
     out = _target(output)
     save_checkpoint(_baseline_state(state, model, "supervised", epochs, {

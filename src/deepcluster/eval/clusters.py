@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..clustering import PCAWhitening, kmeans, l2_normalize
-from ..data import Subset, build_source
+from ..checkpoint import saved_config
+from ..data import training_source
 from ..metrics import ari, contingency, hungarian_accuracy, nmi
 from .context import EvalContext
 
@@ -57,17 +58,12 @@ def best_kmeans(x: np.ndarray, k: int, n_init: int = 3, niter: int = 20, seed: i
 
 def _training_source_labels(ctx: EvalContext) -> np.ndarray | None:
     """Labels of the images the run clustered, in its order (``None`` if unavailable)."""
-    state = ctx.state or {}
-    cfg = state.get("config", {})
-    data, run = cfg.get("data", {}), cfg.get("run", {})
     try:
-        src = build_source(data["name"], data.get("root"), data.get("split", "train"), False)
-    except (KeyError, ValueError, OSError) as e:
+        cfg = saved_config(ctx.state or {})
+        src = training_source(cfg.data, cfg.run.seed, download=False)
+    except (ValueError, OSError) as e:
         logger.warning("training-time assignments not scored: cannot open the run's data (%s)", e)
         return None
-    subset = data.get("subset")
-    if subset is not None and subset < len(src):  # the training loop's subset rule
-        src = Subset(src, np.sort(np.random.default_rng(run.get("seed", 0)).choice(len(src), subset, replace=False)))
     return None if src.labels is None else np.asarray(src.labels)
 
 
@@ -100,7 +96,7 @@ def clusters_eval(ctx: EvalContext, split: str = "test", n_init: int = 3, niter:
     train = np.asarray(ctx.store.get("train", [feature])[feature], dtype=np.float32)
     evald = train if split == "train" else np.asarray(ctx.store.get(split, [feature])[feature], dtype=np.float32)
     truth = ctx.data.train_labels if split == "train" else ctx.data.test_labels
-    pca_dim = pca_dim or (ctx.state or {}).get("config", {}).get("cluster", {}).get("pca_dim") or 256
+    pca_dim = pca_dim or (saved_config(ctx.state).cluster.pca_dim if ctx.state else 256)
     pca = PCAWhitening(pca_dim, whiten=True, normalize=True).fit(train)
     prep = {"whitened": pca.transform, "l2": l2_normalize}
     val = ctx.data.val

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import saved_config
+from ..config import AugmentConfig
 from ..data import LabelledDataset, train_transform
 from .context import EvalContext
 from .nettrain import fresh_model, predict_network, train_network
@@ -78,9 +80,9 @@ def finetune_eval(ctx: EvalContext, label_fraction: float, mode: str = "all", st
     else:
         model = copy.deepcopy(base)  # the context's network stays as loaded
     model.reset_head(ctx.data.num_classes, generator=torch.Generator().manual_seed(ctx.seed))
-    opt_cfg = (ctx.state or {}).get("config", {}).get("optim", {})
-    crop_scale = tuple(opt_cfg.get("crop_scale", (0.08, 1.0)))
-    transform = train_transform(ctx.data.spec, crop_scale, opt_cfg.get("hflip", True))
+    aug = saved_config(ctx.state).augment if ctx.state else AugmentConfig()
+    crop_scale = tuple(aug.crop_scale)
+    transform = train_transform(ctx.data.spec, crop_scale, aug.hflip)
     dataset = LabelledDataset(ctx.data.train, transform, indices=chosen)
     logger.info("fine-tune (%s) on %d labelled images (%s of the labels, %d per class), %d steps of %d", mode,
                 len(chosen), fraction_tag(label_fraction), int(per_class.max()), steps, batch_size)

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset as TorchSubset
 
 from ..clustering import l2_normalize
+from ..distributed import shard_indices
+from ..features import eval_mode, extract, make_loader
 from ..models import DeepClusterNet
 from .context import EvalContext
 
@@ -114,10 +115,10 @@ def knn_eval(ctx: EvalContext, k: int = K, temperature: float = TEMPERATURE, fea
     return out
 
 
-@torch.no_grad()
 def knn_probe(model: DeepClusterNet, dataset, labels: np.ndarray, device: str | torch.device = "cpu", *,
               n_reference: int = 10000, n_query: int = 2000, k: int = K, temperature: float = TEMPERATURE,
-              seed: int = 0, batch_size: int = 256, workers: int = 0) -> dict[str, float]:
+              seed: int = 0, batch_size: int = 256, workers: int = 0, amp: str = "none",
+              channels_last: bool = False) -> dict[str, float]:
     """The cheap k-NN probe logged during training (``deepcluster train --eval-every N``).
 
     A fixed random set of ``n_query`` labelled images of ``dataset`` is classified by
@@ -145,18 +146,13 @@ def knn_probe(model: DeepClusterNet, dataset, labels: np.ndarray, device: str | 
     picked = np.random.default_rng(seed).choice(n, n_reference + n_query, replace=False)
     ref, query = np.sort(picked[:n_reference]), np.sort(picked[n_reference:])
     order = np.concatenate([ref, query])
-    loader = DataLoader(TorchSubset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, generator=torch.Generator().manual_seed(seed))
-    was_training = model.training
-    model.eval()
     row = np.full(n, -1, dtype=np.int64)
     row[order] = np.arange(len(order))
-    feats = np.zeros((len(order), model.feature_dim), dtype=np.float32)
-    try:
-        for images, idx in loader:  # rows placed by data-set index
-            feats[row[idx.numpy()]] = model.forward_features(images.to(device)).float().cpu().numpy()
-    finally:
-        model.train(was_training)
+    # Under torch.distributed each rank extracts its shard; every rank gets all rows.
+    loader = make_loader(dataset, batch_size, workers, sampler=order[shard_indices(len(order))].tolist(), seed=seed)
+    with eval_mode(model):  # rows placed by data-set index
+        feats = extract(model.forward_features, loader, len(order), model.feature_dim, device, amp, channels_last,
+                        desc="knn probe", rows=row)
     ref_f, query_f = feats[:n_reference], feats[n_reference:]
     plain, weighted = knn_classify(ref_f, labels[ref], query_f, k, int(labels.max()) + 1, temperature)
     return {"knn_top1": float((plain == labels[query]).mean()),

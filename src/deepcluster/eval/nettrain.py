@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
+from ..checkpoint import saved_config
+from ..config import Config
 from ..data import ImageSource, IndexedDataset, cluster_transform
 from ..data.transforms import ImageSpec
 from ..models import DeepClusterNet, model_from_meta
@@ -34,11 +36,10 @@ def fresh_model(state: dict[str, Any], seed: int | None = None, num_clusters: in
     DeepCluster run's initial weights (the random-init baseline).
     """
     meta = state.get("meta", {})
-    cfg = state.get("config", {})
-    seed = cfg.get("run", {}).get("seed", 0) if seed is None else seed
-    torch.manual_seed(seed)
+    cfg = saved_config(state) if state.get("config") else Config()
+    torch.manual_seed(cfg.run.seed if seed is None else seed)
     k = num_clusters or meta.get("k") or state["model"]["head.weight"].shape[0]
-    return model_from_meta(meta, num_clusters=k, dropout=cfg.get("model", {}).get("dropout", 0.5))
+    return model_from_meta(meta, num_clusters=k, dropout=cfg.model.dropout)
 
 
 def set_trainable(model: DeepClusterNet, trainable: str) -> list[nn.Parameter]:

@@ -108,3 +108,8 @@ def save_png(img: np.ndarray, path: str | Path, scale: int = 1) -> Path:
 
     atomic_write(path, lambda f: pil.save(f, format="PNG"))
     return path
+
+
+def run_display(run, x: torch.Tensor) -> np.ndarray:
+    """A run's network inputs ``(n, 3, S, S)`` -> pictures ``(n, S, S, 3)`` in [0, 1]."""
+    return to_display(x, run.spec.mean, run.spec.std)

@@ -1,8 +1,8 @@
 """Ablations for small images (issue 6): one change at a time from a base setting, each
 run trained on a fixed subset of the training split and scored with ``deepcluster eval``
 (k-means with k = classes on the test split: NMI / ACC; cosine k-NN, the subset as
-reference). Prints the table and writes ``docs/ABLATION.md`` (with the commands and the
-time each run took) and ``docs/benchmarks/ablation.json``.
+reference). Prints the table and writes ``experiments/ABLATION.md`` (with the commands and the
+time each run took) and ``experiments/benchmarks/ablation.json``.
 
 Usage::
 
@@ -294,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "ablation")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "docs")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "experiments")
     p.add_argument("--docs-only", action="store_true",
-                   help="rewrite docs/ABLATION.md from docs/benchmarks/ablation.json (after editing the notes)")
+                   help="rewrite experiments/ABLATION.md from experiments/benchmarks/ablation.json (after editing the notes)")
     p.add_argument("--quick", action="store_true", help="1000 images, 1 epoch, temporary folder, docs untouched")
     args = p.parse_args(argv)
     if args.list:

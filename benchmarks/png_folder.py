@@ -8,7 +8,7 @@ Usage::
     .venv/bin/deepcluster train --preset small-images --data folder --data-root /tmp/fmnist-test-png \\
         --output-dir runs/fmnist-test-folder
 
-Issue 6 measures the ``small-images`` preset, untouched, on this folder (docs/ABLATION.md).
+Issue 6 measures the ``small-images`` preset, untouched, on this folder (experiments/ABLATION.md).
 """
 
 from __future__ import annotations

@@ -435,6 +435,9 @@ def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: di
         + ". The same numbers are in `docs/results.json` "
         "(`{dataset: {method: {metric: value}}}`; `_meta` holds settings and machines).",
         "",
+        "How each run was trained (per-run training pages, metrics, the ablation that chose the presets): "
+        "[experiments/](../experiments/), in particular [experiments/ABLATION.md](../experiments/ABLATION.md).",
+        "",
         "Protocols (docs/EVALUATION.md): linear probes on pooled, frozen conv layers (lr x weight decay chosen on a "
         f"validation part of the training split: {len(lin.points())} grid points x {lin.epochs} epochs), MLP = fresh "
         f"fc6-fc7-classifier on the frozen conv stack ({len(mlp.points())} grid points x {mlp.epochs} epochs), kNN = "

@@ -1,9 +1,9 @@
 """Summarise a training run for the docs: per-epoch table of ``metrics.jsonl``.
 
-    python benchmarks/summarize_run.py RUN_DIR docs/TRAINING.md --name fmnist-paper-10ep --shared \
+    python benchmarks/summarize_run.py RUN_DIR experiments/TRAINING-paper.md --name fmnist-paper-10ep --shared \
         --command "deepcluster train --output-dir runs/fmnist-paper-10ep --epochs 10 --workers 1 --eval-every 1"
 
-Copies ``metrics.jsonl`` and ``nmi.png`` to ``docs/runs/NAME/`` and writes the table
+Copies ``metrics.jsonl`` and ``nmi.png`` to ``experiments/runs/NAME/`` and writes the table
 (NMI vs labels and vs the previous epoch, cluster sizes, losses, kNN probe, seconds).
 """
 

@@ -110,7 +110,7 @@ def test_configs_of_older_runs_load_as_today_s_typed_config():
     from deepcluster.config import config_from_saved
 
     root = Path(__file__).resolve().parent.parent
-    files = sorted(root.glob("experiments/runs/*/config.yaml")) + sorted(root.glob("docs/runs/*/config.yaml"))
+    files = sorted(root.glob("experiments/runs/*/config.yaml")) + sorted(root.glob("experiments/runs/*/config.yaml"))
     assert files
     for f in files:
         raw = load_yaml(f)

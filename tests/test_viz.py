@@ -19,6 +19,7 @@ from deepcluster.viz.clusters import cluster_members, cluster_purity_of, contact
 from deepcluster.viz.filters import filter_grid, first_layer_filters
 from deepcluster.viz.images import make_grid, save_png, to_display
 from deepcluster.viz.neighbors import nearest_neighbors, neighbor_label_agreement
+from deepcluster.config import DataConfig
 from deepcluster.rundir import Run
 from deepcluster.viz.synthesis import gaussian_blur, layer_mean_activations, noise_images, synthesize
 
@@ -201,8 +202,7 @@ def test_curves_plot_the_records():
 # --------------------------------------------------------------------------- run data
 
 def test_training_source_reproduces_the_subset_of_training(tiny_mnist_root):
-    data = {"name": "fashion-mnist", "root": str(tiny_mnist_root), "split": "train", "download": False,
-            "subset": 50}
+    data = DataConfig(name="fashion-mnist", root=str(tiny_mnist_root), split="train", download=False, subset=50)
     s = training_source(data, seed=7)
     full = build_source("fashion-mnist", str(tiny_mnist_root), "train", False)
     expected = np.sort(np.random.default_rng(7).choice(len(full), 50, replace=False))

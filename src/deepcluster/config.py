@@ -180,7 +180,7 @@ class Config:
 # Presets: overrides of the defaults, by section. ``paper`` is the paper's settings.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
-    # Chosen by the measured ablations and full runs of docs/ABLATION.md: no dropout in
+    # Chosen by the measured ablations and full runs of experiments/ABLATION.md: no dropout in
     # fc6/fc7 and milder crops were the first one-at-a-time changes that improved the k-NN
     # score of the features (10k images); cosine decay kept more of their k-means
     # structure; bfloat16 (where native) + channels_last train twice as fast, so 48 epochs

@@ -24,20 +24,20 @@ import csv
 import io
 import logging
 import sys
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
 
 from .checkpoint import CheckpointError, load_model
 from .clustering import PCAWhitening
+from .checkpoint import saved_config
 from .data import DataError, IndexedDataset, cluster_transform, image_spec
+from .data.files import FileImages, read_image
+from .features import iter_features, make_loader
 from .data.sources import IMAGE_EXTENSIONS
 from .models import DeepClusterNet
 from .rundir import Run, ensure_writable_dir
@@ -105,6 +105,34 @@ class ClusterAssigner:
         """Nearest centroid of each row of ``z`` (``(B, pca_dim)``): ``(clusters (B,), sq. distances (B,))``."""
         dist, idx = self.index.search(np.ascontiguousarray(z, dtype=np.float32), 1)
         return idx[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
+
+    def assign_all(self, loader, n: int, features: str | None = None, reasons: list[str] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Every image of ``loader`` (``(images, indices, *extra)``, through
+        :func:`~deepcluster.features.iter_features`): ``(clusters (n,), sq. distances (n,),
+        features (n, D) or None)``, with ``features`` ``pca`` or ``fc7``. With ``reasons``,
+        each batch's third element (the unreadable files' reasons) is stored there by index.
+
+        Raises:
+            RuntimeError: the loader missed images.
+        """
+        clusters, dists = np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
+        feats, seen = None, np.zeros(n, dtype=bool)
+        device = next(self.model.parameters()).device
+        for idx, f, extra in iter_features(self.model.forward_features, loader, device, desc="assign"):
+            z = self.project(f)
+            clusters[idx], dists[idx] = self.nearest(z)
+            if features is not None:
+                v = z if features == "pca" else f
+                feats = np.zeros((n, v.shape[1]), dtype=np.float32) if feats is None else feats
+                feats[idx] = v
+            if reasons is not None and extra:
+                for i, r in zip(idx, extra[0]):
+                    reasons[i] = r
+            seen[idx] = True
+        if not seen.all():
+            raise RuntimeError(f"the feature pass missed {int((~seen).sum())} images")
+        return clusters, dists, feats
 
     def assign(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(B, 3, H, W)`` inputs -> ``(clusters, sq. distances, fc7 features, PCA features)``."""
@@ -294,21 +322,8 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
     agreement = None
     if features is not None:
         assigner = ClusterAssigner.from_state(run.model, run.state, str(run_dir / "checkpoint.pt"))
-        nearest = np.empty(n, dtype=np.int64)
-        dists = np.empty(n, dtype=np.float32)
-        feats: np.ndarray | None = None
-        seen = np.zeros(n, dtype=bool)
-        loader = DataLoader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size=batch_size,
-                            num_workers=workers, shuffle=False)
-        for x, idx in loader:
-            c, d, f, z = assigner.assign(x)
-            idx = idx.numpy()
-            v = z if features == "pca" else f
-            if feats is None:
-                feats = np.zeros((n, v.shape[1]), dtype=np.float32)
-            nearest[idx], dists[idx], feats[idx], seen[idx] = c, d, v, True
-        if not seen.all():
-            raise RuntimeError(f"the feature pass missed {int((~seen).sum())} images")
+        loader = make_loader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size, workers)
+        nearest, dists, feats = assigner.assign_all(loader, n, features)
         agreement = float((nearest == clusters).mean())
         columns["distance"] = dists
         columns["feature"] = feats
@@ -360,35 +375,6 @@ def find_images(root: str | Path) -> list[str]:
     return files
 
 
-def read_image(path: str) -> tuple[Image.Image | None, str]:
-    """``(RGB image, "")`` or ``(None, reason)`` when the file cannot be decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB"), ""
-    except Exception as e:  # noqa: BLE001 - every decoder failure is a reason to list the file
-        return None, f"{type(e).__name__}: {e}".splitlines()[0]
-
-
-def _batches(paths: Sequence[str], transform, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor | None,
-                                                                                list[tuple[int, str]]]]:
-    ok, tensors, bad = [], [], []
-    for i, p in enumerate(paths):
-        img, reason = read_image(p)
-        if img is None:
-            bad.append((i, reason))
-        else:
-            ok.append(i)
-            tensors.append(transform(img))
-        if len(tensors) == batch_size:
-            yield ok, torch.stack(tensors), bad
-            ok, tensors, bad = [], [], []
-    if ok or bad:
-        yield ok, torch.stack(tensors) if tensors else None, bad
-
-
 def assign_images(checkpoint: str | Path, images: str | Path, features: str | None = None, batch_size: int = 256,
                   device: str = "cpu") -> AssignResult:
     """Assign every image file under ``images`` to the checkpoint's clusters.
@@ -405,25 +391,19 @@ def assign_images(checkpoint: str | Path, images: str | Path, features: str | No
     model, state = load_model(checkpoint)
     model.to(device)
     assigner = ClusterAssigner.from_state(model, state, str(checkpoint))
-    data = state.get("config", {}).get("data", {})
-    spec = image_spec(data.get("name", "folder"), state.get("meta", {}).get("image_size") or data.get("image_size"))
+    data = saved_config(state, str(checkpoint)).data if state.get("config") else None
+    spec = image_spec(data.name if data else "folder", state.get("meta", {}).get("image_size")
+                      or (data.image_size if data else None))
     paths = find_images(images)
     n = len(paths)
-    clusters = np.full(n, -1, dtype=np.int64)
-    dists = np.full(n, np.nan, dtype=np.float32)
-    feats = None
-    unreadable: list[tuple[str, str]] = []
-    for ok, x, bad in _batches(paths, cluster_transform(spec), batch_size):
-        unreadable += [(paths[i], reason) for i, reason in bad]
-        if x is None:
-            continue
-        c, d, f, z = assigner.assign(x)
-        clusters[ok], dists[ok] = c, d
-        if features is not None:
-            v = z if features == "pca" else f
-            if feats is None:
-                feats = np.zeros((n, v.shape[1]), dtype=np.float32)
-            feats[ok] = v
+    files = FileImages(paths, cluster_transform(spec), (3, spec.size, spec.size))
+    reasons: list[str] = [""] * n
+    clusters, dists, feats = assigner.assign_all(make_loader(files, batch_size, 0), n, features, reasons)
+    unreadable = [(p, r) for p, r in zip(paths, reasons) if r]
+    bad = np.array([bool(r) for r in reasons])
+    clusters[bad], dists[bad] = -1, np.nan
+    if feats is not None:
+        feats[bad] = 0
     if unreadable:
         logger.warning("%d of %d images could not be read (listed with cluster -1); first: %s (%s)",
                        len(unreadable), n, *unreadable[0])

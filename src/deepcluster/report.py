@@ -163,7 +163,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options
         sections.append(timer.section("neighbours", lambda: _neighbors_section(run, opt, sample, out)))
         sections.append(timer.section("clusters", lambda: _clusters_section(run, opt, out)))
 
-    config = run.state.get("config") if run is not None else _read_config_yaml(run_dir)
+    config = _config_of(run, run_dir)
     page = render_html(run_dir, records, config, sections, opt, time.perf_counter() - timer.t0, timer.parts)
     index = out / "index.html"
     atomic_write(index, lambda f: f.write(page.encode("utf-8")))
@@ -392,6 +392,8 @@ def _fmt(v: Any) -> str:
             return "nan"
         if abs(v) >= 100:
             return f"{v:,.0f}"
+        if v != 0 and abs(v) < 0.01:  # weight decay 1e-5, whiten eps 1e-6: never "0.000"
+            return f"{v:.2g}"
         return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
     if isinstance(v, (list, tuple)):
         return ", ".join(_fmt(x) for x in v)
@@ -425,17 +427,12 @@ def _config_table(config: dict[str, Any] | None) -> str:
     return f"<table class='config'><tr><th>section</th><th>settings</th></tr>{''.join(rows)}</table>"
 
 
-def _read_config_yaml(run_dir: Path) -> dict[str, Any] | None:
-    import yaml
-
-    p = run_dir / "config.yaml"
-    if not p.is_file():
-        return None
+def _config_of(run: Run | None, run_dir: Path) -> dict[str, Any] | None:
+    """The run's typed configuration as a dict (the checkpoint's, else config.yaml's), or None."""
     try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
+        return (run.config if run is not None else RunDir(run_dir).read_config()).to_dict()
+    except ValueError:  # no config.yaml (ConfigError), none in the checkpoint (CheckpointError)
         return None
-    return d if isinstance(d, dict) else None
 
 
 def render_html(run_dir: Path, records: list[dict[str, Any]], config: dict[str, Any] | None,

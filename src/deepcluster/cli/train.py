@@ -43,7 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with sections data/model/cluster/optim/run (flags override it)")
     p.add_argument("--preset", choices=sorted(PRESETS), 
                    help="named set of defaults: paper (the paper's settings, default) or small-images "
-                        "(docs/ABLATION.md)")
+                        "(experiments/ABLATION.md)")
+    _data_and_model_flags(p)
+    _clustering_flags(p)
+    _optimisation_flags(p)
+    _run_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="fashion-mnist (default), mnist, cifar10, stl10 or folder")
     g.add_argument("--data-root", help="folder of the data set's files (required for folder/cifar10/stl10)")
@@ -59,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dropout", type=float, help="dropout before fc6 and fc7 (paper: 0.5)")
     g.add_argument("--projection-dim", type=int,
                    help="width of the L2-normalised projection of --cluster-feature projection (default 128)")
+
+
+def _clustering_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clustering")
     g.add_argument("--clustering", choices=["kmeans", "pic"], help="kmeans (default) or pic")
     g.add_argument("--k", type=int, help="number of clusters; some over-segmentation helps (paper: 10k on ImageNet)")
@@ -84,6 +95,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bn", choices=["running", "recompute"],
                    help="batch-norm statistics of the features clustered: running (default) or recomputed each "
                         "epoch on the un-augmented views of up to 10,000 images")
+
+
+def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -110,6 +124,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "head on a projection (default 0.1)")
     g.add_argument("--balance", choices=["sampler", "weight", "none"],
                    help="against trivial parametrisation: uniform sampling over clusters (default) or loss weights")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", help="run directory (config.yaml, metrics.jsonl, checkpoint.pt, ...)")
     g.add_argument("--device", help="cpu or cuda")
@@ -130,7 +147,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="synchronise batch-norm statistics across GPUs (CUDA only; helps with small per-GPU batches)")
     g.add_argument("--dist-timeout", type=float,
                    help="seconds a collective waits for the other ranks before failing (default 1800)")
-    p.set_defaults(func=cmd_train)
 
 
 def flags_to_overrides(args: argparse.Namespace, table: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:

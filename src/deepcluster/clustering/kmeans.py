@@ -232,6 +232,78 @@ def _initial_centroids(x: torch.Tensor, k: int, rng: np.random.Generator, n_tota
     return all_reduce_sum(init)  # each row is contributed by exactly one rank
 
 
+def _checked_input(x: np.ndarray | torch.Tensor, k: int, backend: str, device: str | torch.device | None
+                   ) -> tuple[torch.Tensor, int]:
+    """``x`` as the backend wants it (float32 on CPU for faiss), and the number of points
+    over all ranks; a one-line ``ValueError`` for what k-means cannot take."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "faiss-gpu" and not faiss_has_gpu():
+        raise ValueError("--kmeans faiss-gpu needs a GPU build of faiss and a GPU; use --kmeans torch "
+                         "(runs on the GPU without faiss) or --kmeans faiss (CPU)")
+    xt = torch.as_tensor(x)
+    if device is not None and backend == "torch":
+        xt = xt.to(device)
+    if backend != "torch" or xt.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if xt.dtype in (torch.float16, torch.bfloat16) and backend != "torch":
+            logger.info("k-means %s: converting %s points to float32 (%.1f GB)", backend, xt.dtype,
+                        xt.numel() * 4 / 1e9)
+        xt = xt.to(torch.float32)
+    if backend != "torch":
+        xt = xt.cpu()
+    xt = xt.contiguous()
+    if xt.ndim != 2:
+        raise ValueError(f"k-means expects a 2-D array, got shape {tuple(xt.shape)}")
+    n_local = xt.shape[0]
+    n_total = int(all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > n_total:
+        raise ValueError(f"k={k} is larger than the number of points ({n_total}); lower --k")
+    bad = torch.zeros((), dtype=torch.float64)
+    for s in range(0, n_local, _SUM_CHUNK):  # a row with a NaN/Inf has a non-finite sum (much faster than isfinite)
+        bad += float((~torch.isfinite(xt[s:s + _SUM_CHUNK].sum(1, dtype=torch.float64))).sum())
+    if int(all_reduce_sum(bad).item()):
+        raise ValueError(f"k-means input has NaN or Inf in {int(bad.item())} rows")
+    return xt, n_total
+
+
+def _given_centroids(init_centroids: np.ndarray, k: int, d: int, device: torch.device) -> torch.Tensor:
+    """``init_centroids`` checked for shape, as every rank gets rank 0's."""
+    centroids = torch.as_tensor(np.asarray(init_centroids, dtype=np.float32)).to(device).clone()
+    if centroids.shape != (k, d):
+        raise ValueError(f"init_centroids has shape {tuple(centroids.shape)}, expected {(k, d)}")
+    broadcast_(centroids)
+    return centroids
+
+
+def _lloyd(xt: torch.Tensor, centroids: torch.Tensor, k: int, niter: int, rng: np.random.Generator,
+           assign) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Up to ``niter`` Lloyd iterations on ``centroids`` (updated in place), empty clusters
+    re-seeded after each; returns ``(labels, distances, clusters re-seeded, iterations)``
+    with the labels of the final centroids."""
+    fixed, fixed_last, iterations = 0, 0, 0
+    labels: torch.Tensor | None = None
+    converged = False
+    for _ in range(niter):
+        new_labels, dist = assign(centroids)
+        if labels is not None and not fixed_last and _n_changed(new_labels, labels) == 0:
+            # A fixed point: the centroids are already the means of these assignments,
+            # so every further iteration would reproduce them exactly.
+            labels, converged = new_labels, True
+            break
+        labels = new_labels
+        iterations += 1
+        sums, counts = _sums_counts(xt, labels, k)
+        nonempty = counts > 0
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).to(centroids.dtype)
+        fixed_last = split_empty_clusters(xt, labels, centroids, counts, rng)
+        fixed += fixed_last
+    if not converged:
+        labels, dist = assign(centroids)
+    return labels, dist, fixed, iterations
+
+
 def kmeans(
     x: np.ndarray | torch.Tensor,
     k: int,
@@ -267,44 +339,12 @@ def kmeans(
             range, a NaN/Inf in ``x``, or malformed ``init_centroids``/``indices``.
     """
     t0 = time.perf_counter()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "faiss-gpu" and not faiss_has_gpu():
-        raise ValueError("--kmeans faiss-gpu needs a GPU build of faiss and a GPU; use --kmeans torch "
-                         "(runs on the GPU without faiss) or --kmeans faiss (CPU)")
-    xt = torch.as_tensor(x)
-    if device is not None and backend == "torch":
-        xt = xt.to(device)
-    if backend != "torch" or xt.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        if xt.dtype in (torch.float16, torch.bfloat16) and backend != "torch":
-            logger.info("k-means %s: converting %s points to float32 (%.1f GB)", backend, xt.dtype,
-                        xt.numel() * 4 / 1e9)
-        xt = xt.to(torch.float32)
-    if backend != "torch":
-        xt = xt.cpu()
-    xt = xt.contiguous()
-    if xt.ndim != 2:
-        raise ValueError(f"k-means expects a 2-D array, got shape {tuple(xt.shape)}")
+    xt, n_total = _checked_input(x, k, backend, device)
     n_local, d = xt.shape
-    n_total = int(all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > n_total:
-        raise ValueError(f"k={k} is larger than the number of points ({n_total}); lower --k")
-    bad = torch.zeros((), dtype=torch.float64)
-    for s in range(0, n_local, _SUM_CHUNK):  # a row with a NaN/Inf has a non-finite sum (much faster than isfinite)
-        bad += float((~torch.isfinite(xt[s:s + _SUM_CHUNK].sum(1, dtype=torch.float64))).sum())
-    if int(all_reduce_sum(bad).item()):
-        raise ValueError(f"k-means input has NaN or Inf in {int(bad.item())} rows")
     seed = broadcast_object(seed)
     rng = np.random.default_rng(seed)
-    if init_centroids is not None:
-        centroids = torch.as_tensor(np.asarray(init_centroids, dtype=np.float32)).to(xt.device).clone()
-        if centroids.shape != (k, d):
-            raise ValueError(f"init_centroids has shape {tuple(centroids.shape)}, expected {(k, d)}")
-        broadcast_(centroids)
-    else:
-        centroids = _initial_centroids(xt, k, rng, n_total, indices)
+    centroids = (_given_centroids(init_centroids, k, d, xt.device) if init_centroids is not None
+                 else _initial_centroids(xt, k, rng, n_total, indices))
 
     faiss_assign = _FaissAssigner(backend == "faiss-gpu") if backend != "torch" else None
     x_np = xt.numpy() if faiss_assign is not None else None
@@ -315,25 +355,7 @@ def kmeans(
             return torch.from_numpy(lab), torch.from_numpy(dist)
         return _torch_assign(xt, c)
 
-    fixed, fixed_last, iterations = 0, 0, 0
-    labels: torch.Tensor | None = None
-    converged = False
-    for _ in range(niter):
-        new_labels, dist = assign(centroids)
-        if labels is not None and not fixed_last and _n_changed(new_labels, labels) == 0:
-            # A fixed point: the centroids are already the means of these assignments,
-            # so every further iteration would reproduce them exactly.
-            labels, converged = new_labels, True
-            break
-        labels = new_labels
-        iterations += 1
-        sums, counts = _sums_counts(xt, labels, k)
-        nonempty = counts > 0
-        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).to(centroids.dtype)
-        fixed_last = split_empty_clusters(xt, labels, centroids, counts, rng)
-        fixed += fixed_last
-    if not converged:
-        labels, dist = assign(centroids)
+    labels, dist, fixed, iterations = _lloyd(xt, centroids, k, niter, rng, assign)
     counts = all_reduce_sum(torch.bincount(labels, minlength=k).to(torch.float64))
     n_fixed_final = split_empty_clusters(xt, labels, centroids, counts, rng)
     fixed += n_fixed_final

@@ -393,10 +393,8 @@ def run_pic(
         n_neighbors, sigma, alpha, n_iter, t_graph, seconds,
     )
     if num_clusters == 1:
-        msg = (
-            f"PIC collapsed all {n} points into a single cluster with sigma={sigma:g}; "
-            f"try a smaller sigma, e.g. sigma={sigma / 2:g}"
-        )
+        msg = (f"PIC collapsed all {n} points into a single cluster with sigma={sigma:g}; "
+               f"try a smaller sigma, e.g. sigma={sigma / 2:g}")
         logger.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
 

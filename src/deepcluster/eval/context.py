@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, load_model
+from ..checkpoint import CheckpointError, load_model, saved_config
 from ..io import atomic_write
 from ..machine import machine_info
 from ..models import DeepClusterNet
@@ -110,14 +110,14 @@ def _jsonable(o: Any) -> Any:
 
 
 def _resolve_data(state: dict[str, Any], data: str | None, data_root: str | None) -> tuple[str, str | None]:
-    cfg_data = state.get("config", {}).get("data", {})
-    name = data or cfg_data.get("name") or state.get("meta", {}).get("data")
+    run_data = saved_config(state).data if state.get("config") else None
+    name = data or (run_data.name if run_data else None) or state.get("meta", {}).get("data")
     if not name:
         raise CheckpointError("the checkpoint does not say which data set it was trained on; pass --data NAME")
     if data_root is not None:
         return name, data_root
     # A different data set than the checkpoint's must not inherit its root.
-    return name, cfg_data.get("root") if name == cfg_data.get("name") else None
+    return name, run_data.root if run_data and name == run_data.name else None
 
 
 def open_checkpoint(checkpoint: str | Path, *, protocol: str = "eval", data: str | None = None,

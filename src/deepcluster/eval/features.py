@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..data import ImageSource, IndexedDataset, cluster_transform
+from ..features import iter_features, make_loader
 from ..models import DeepClusterNet
 from .splits import EvalData
 
@@ -303,15 +302,11 @@ class FeatureStore:
                 arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=_dtype(name), shape=shape)
                 tmp_paths[name] = (tmp, p)
         seen = np.zeros(n, dtype=bool)
-        loader = DataLoader(IndexedDataset(source, cluster_transform(self.data.spec)), batch_size=self.batch_size,
-                            shuffle=False, num_workers=self.workers,
-                            generator=torch.Generator().manual_seed(0))
-        try:
-            for images, idx in tqdm(loader, desc=f"features {split}", leave=False, disable=None):
-                feats = self.encoder(images, names)
-                idx_np = idx.numpy()
+        loader = make_loader(IndexedDataset(source, cluster_transform(self.data.spec)), self.batch_size, self.workers)
+        try:  # the encoder moves the images to its device and freezes the network itself
+            for idx_np, feats, _ in iter_features(lambda x: self.encoder(x, names), loader, desc=f"features {split}"):
                 for name in names:
-                    rows = feats[name].float().cpu().numpy()
+                    rows = feats[name]
                     if not np.isfinite(rows).all():
                         raise ValueError(f"{name} features of {split} images are NaN/Inf; the checkpoint has diverged")
                     cast = rows.astype(arrays[name].dtype)

@@ -21,6 +21,7 @@ from ..checkpoint import saved_config
 from ..config import Config
 from ..data import ImageSource, IndexedDataset, cluster_transform
 from ..data.transforms import ImageSpec
+from ..features import extract, make_loader
 from ..models import DeepClusterNet, model_from_meta
 
 logger = logging.getLogger(__name__)
@@ -127,16 +128,11 @@ def predict_network(model: DeepClusterNet, source: ImageSource, spec: ImageSpec,
     Returns:
         ``(len(positions),)`` int64 (all of ``source`` when ``positions`` is None), in order.
     """
-    from torch.utils.data import Subset as TorchSubset
-
     positions = np.arange(len(source)) if positions is None else np.asarray(positions)
-    ds = TorchSubset(IndexedDataset(source, cluster_transform(spec)), positions.tolist())
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0))
-    row = {int(p): i for i, p in enumerate(positions)}
-    out = np.full(len(positions), -1, dtype=np.int64)
+    loader = make_loader(IndexedDataset(source, cluster_transform(spec)), batch_size, workers,
+                         sampler=positions.tolist())
+    row = np.full(len(source), -1, dtype=np.int64)
+    row[positions] = np.arange(len(positions))
     model.eval().to(device)
-    for x, idx in loader:
-        pred = model(x.to(device)).argmax(1).cpu().numpy()
-        out[[row[int(i)] for i in idx]] = pred
-    return out
+    logits = extract(model, loader, len(positions), model.num_clusters, device, desc="predict", rows=row)
+    return logits.argmax(1).astype(np.int64)

@@ -79,6 +79,7 @@ class ImageIndex:
         mtimes: ``(N,)`` int64 modification times in ns (-1: unknown).
         ids: ``(N,)`` int64 faiss ids.
         kind: ``"flat"`` or ``"ivfpq"``.
+        info: facts that are not part of the identity (e.g. the checkpoint's path).
     """
 
     index: Any
@@ -88,6 +89,7 @@ class ImageIndex:
     mtimes: np.ndarray
     ids: np.ndarray
     kind: str
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -150,7 +152,8 @@ def _new_faiss_index(x: np.ndarray, flat_limit: int) -> tuple[Any, str]:
 
 
 def build_index(vectors: np.ndarray, paths: Sequence[str], meta: IndexMeta,
-                stats: tuple[np.ndarray, np.ndarray] | None = None, flat_limit: int = FLAT_LIMIT) -> ImageIndex:
+                stats: tuple[np.ndarray, np.ndarray] | None = None, flat_limit: int = FLAT_LIMIT,
+                info: dict[str, Any] | None = None) -> ImageIndex:
     """Index ``vectors`` ``(N, D)`` (float32, L2-normalised) of the images ``paths``.
 
     Args:
@@ -159,6 +162,7 @@ def build_index(vectors: np.ndarray, paths: Sequence[str], meta: IndexMeta,
         meta: what the descriptors are (checked again at load and search).
         stats: ``(sizes, mtimes_ns)`` of the files; default :func:`file_stats`.
         flat_limit: largest ``N`` indexed exactly (see the module docstring).
+        info: JSON-able facts kept with the index that do not take part in the checks.
     """
     x = _check_vectors(vectors, meta.dim, "indexed vectors")
     paths = [str(p) for p in paths]
@@ -171,7 +175,7 @@ def build_index(vectors: np.ndarray, paths: Sequence[str], meta: IndexMeta,
     ids = np.arange(len(x), dtype=np.int64)
     index.add_with_ids(x, ids)
     sizes, mtimes = file_stats(paths) if stats is None else (np.asarray(s, np.int64) for s in stats)
-    return ImageIndex(index, meta, paths, sizes, mtimes, ids, kind)
+    return ImageIndex(index, meta, paths, sizes, mtimes, ids, kind, dict(info or {}))
 
 
 def check_meta(index: ImageIndex, expected: IndexMeta, where: str = "index") -> None:
@@ -307,7 +311,7 @@ def save_index(index: ImageIndex, path: str | Path) -> None:
     """Write ``index`` to ``path`` atomically (format in the module docstring)."""
     header = json.dumps({"meta": asdict(index.meta), "kind": index.kind, "paths": index.paths,
                          "sizes": index.sizes.tolist(), "mtimes": index.mtimes.tolist(),
-                         "ids": index.ids.tolist()}).encode()
+                         "ids": index.ids.tolist(), "info": index.info}).encode()
     blob = faiss.serialize_index(index.index).tobytes()
 
     def write(f) -> None:
@@ -336,7 +340,8 @@ def load_index(path: str | Path, expected: IndexMeta | None = None) -> ImageInde
         meta = IndexMeta(**head["meta"])
         index = faiss.deserialize_index(np.frombuffer(data[start + n:], dtype=np.uint8))
         out = ImageIndex(index, meta, list(head["paths"]), np.asarray(head["sizes"], np.int64),
-                         np.asarray(head["mtimes"], np.int64), np.asarray(head["ids"], np.int64), head["kind"])
+                         np.asarray(head["mtimes"], np.int64), np.asarray(head["ids"], np.int64), head["kind"],
+                         dict(head.get("info", {})))
     except Exception as e:  # noqa: BLE001 - struct, json, faiss and key errors all mean "not an index"
         raise ImageIndexError(f"{path} is not a readable image index ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -16,9 +16,25 @@ FEATURES = ("rmac", "fc7")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="index a folder of images for search (R-MAC or fc7 descriptors)",
-                       description="Describe every image under --images with the checkpoint's network and write a "
-                       "faiss index. Run it again on the same -o to describe only new or changed files.")
+    _add_index(sub)
+    _add_search(sub)
+    _add_duplicates(sub)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, func, summary: str, description: str,
+             takes_index: bool = True) -> argparse.ArgumentParser:
+    """A subcommand running ``func``; ``takes_index``: its first argument is an INDEX file."""
+    p = sub.add_parser(name, help=summary, description=description)
+    p.set_defaults(func=func)
+    if takes_index:
+        p.add_argument("index", metavar="INDEX", help="an index written by `deepcluster index`")
+    return p
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "index", cmd_index, "index a folder of images for search (R-MAC or fc7 descriptors)",
+                 "Describe every image under --images with the checkpoint's network and write a faiss index. Run "
+                 "it again on the same -o to describe only new or changed files.", takes_index=False)
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="a run directory or checkpoint .pt file")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
     p.add_argument("--output", "-o", required=True, metavar="INDEX", help="index file to write (or update)")
@@ -28,29 +44,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rebuild", action="store_true", help="describe every image again, even if INDEX is up to date")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("search", help="find the indexed images most similar to query images",
-                       description="Describe each query with the network the index was built with and print its "
-                       "most similar indexed images (cosine similarity).")
-    p.add_argument("index", metavar="INDEX", help="an index written by `deepcluster index`")
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "search", cmd_search, "find the indexed images most similar to query images",
+                 "Describe each query with the network the index was built with and print its most similar "
+                 "indexed images (cosine similarity).")
     p.add_argument("queries", nargs="+", metavar="QUERY", help="query image files")
     p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--checkpoint", metavar="RUN", help="the network (default: the one recorded in the index; "
                    "it must be the same weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("duplicates", help="list groups of near-identical indexed images",
-                       description="Pairs of indexed images whose descriptors have cosine similarity >= --threshold, "
-                       "joined into groups (connected components), one CSV row per image.")
-    p.add_argument("index", metavar="INDEX", help="an index written by `deepcluster index`")
+
+def _add_duplicates(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "duplicates", cmd_duplicates, "list groups of near-identical indexed images",
+                 "Pairs of indexed images whose descriptors have cosine similarity >= --threshold, joined into "
+                 "groups (connected components), one CSV row per image.")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="cosine similarity for two images to count as near-duplicates (default 0.95; lower it to "
                    "catch crops and re-encodings, raise it if distinct images get grouped)")
     p.add_argument("--output", "-o", default="-", metavar="CSV", help="CSV file (default '-': standard output)")
-    p.set_defaults(func=cmd_duplicates)
 
 
 def cmd_index(args: argparse.Namespace) -> int:

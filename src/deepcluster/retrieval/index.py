@@ -302,8 +302,12 @@ def near_duplicates(index: ImageIndex, threshold: float = 0.95, batch: int = 409
         cols.append(np.searchsorted(index.ids, ids[keep]))
     r, c = np.concatenate(rows), np.concatenate(cols)
     graph = coo_matrix((np.ones(r.size), (r, c)), shape=(len(x), len(x)))
-    n, labels = connected_components(graph, directed=False)
-    groups = [sorted(index.paths[i] for i in np.flatnonzero(labels == g)) for g in np.flatnonzero(np.bincount(labels) > 1)]
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels)
+    members = np.flatnonzero(sizes[labels] > 1)  # rows in a group of 2+
+    members = members[np.argsort(labels[members], kind="stable")]
+    splits = np.cumsum(sizes[np.unique(labels[members])])[:-1]
+    groups = [sorted(index.paths[i] for i in part) for part in np.split(members, splits)] if members.size else []
     return sorted(groups, key=lambda g: (-len(g), g[0]))
 
 

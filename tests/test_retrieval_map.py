@@ -90,3 +90,26 @@ def test_bad_inputs_are_one_line_errors():
         mean_average_precision(np.zeros((2, 3), dtype=int), [{"ok": [0]}])
     with pytest.raises(ValueError, match="unknown revisited setting"):
         revisited_ground_truth([], "medium-rare")
+
+
+def test_score_retrieval_ranks_by_inner_product():
+    import numpy as np
+
+    from deepcluster.retrieval import GroundTruth, score_retrieval
+
+    # database 0..3 on the unit circle at 0, 30, 60, 90 degrees; the query at 80 degrees is
+    # 80, 50, 20, 10 degrees from them, so the ranking is [3, 2, 1, 0]
+    angles = np.deg2rad([0, 30, 60, 90])
+    db = np.stack([np.cos(angles), np.sin(angles)], 1)
+    q = np.array([[np.cos(np.deg2rad(80)), np.sin(np.deg2rad(80))]])
+    gt = GroundTruth("revisited", ["a", "b", "c", "d"], ["q"], np.array([[0, 0, 1, 1.0]]),
+                     [{"easy": np.array([1]), "hard": np.array([0]), "junk": np.array([2])}])
+    res = score_retrieval(q, db, gt)
+    # easy: ok [1], junk [2, 0] -> [3, 1]: rank 1 -> 1/4
+    # medium: ok [1, 0], junk [2] -> [3, 1, 0]: ranks 1, 2 -> (1/4 + 7/12) / 2 = 5/12
+    # hard: ok [0], junk [2, 1] -> [3, 0]: rank 1 -> 1/4
+    assert res["easy"].map == pytest.approx(1 / 4)
+    assert res["medium"].map == pytest.approx(5 / 12)
+    assert res["hard"].map == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="1 queries and 4 database images"):
+        score_retrieval(q, db[:3], gt)

@@ -3,6 +3,7 @@
 
 from .descriptors import (SCALES, conv_map_fn, last_conv_layer, mac, multiscale, regional_descriptors, rmac,
                           rmac_regions, spoc)
+from .evaluate import score_retrieval
 from .groundtruth import (GroundTruth, GroundTruthError, GroundTruthUnpickler, crop_query, load_classic,
                           load_ground_truth, load_revisited, parse_revisited, safe_unpickle)
 from .index import (FLAT_LIMIT, ImageIndex, ImageIndexError, IndexMeta, build_index, check_meta, file_stats,
@@ -12,4 +13,4 @@ __all__ = ["FLAT_LIMIT", "SCALES", "GroundTruth", "GroundTruthError", "GroundTru
            "ImageIndexError", "IndexMeta", "build_index", "check_meta", "conv_map_fn", "crop_query", "file_stats",
            "last_conv_layer", "load_classic", "load_ground_truth", "load_index", "load_revisited", "mac",
            "model_fingerprint", "multiscale", "near_duplicates", "parse_revisited", "regional_descriptors", "remove",
-           "rmac", "rmac_regions", "safe_unpickle", "save_index", "search", "spoc", "stale_paths", "update"]
+           "rmac", "rmac_regions", "safe_unpickle", "save_index", "score_retrieval", "search", "spoc", "stale_paths", "update"]

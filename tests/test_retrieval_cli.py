@@ -157,3 +157,16 @@ def test_search_with_another_network_is_refused(setup, capsys):
     assert main(["search", str(out), str(folder / "01.png"), "--checkpoint", str(tmp / "other.pt")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds descriptors of checkpoint" in err and "the query side has" in err
+
+
+def test_reindex_with_another_feature_needs_rebuild(setup, capsys):
+    folder, _, tmp = setup
+    out = tmp / "images.dcindex"
+    assert _index(tmp, folder, out) == 0
+    capsys.readouterr()
+    assert _index(tmp, folder, out, "--feature", "fc7") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "feature rmac" in err[-1] and "feature fc7" in err[-1] and "--rebuild" in err[-1]
+    assert load_index(out).meta.feature == "rmac"  # the refused update left the index as it was
+    assert _index(tmp, folder, out, "--feature", "fc7", "--rebuild") == 0
+    assert load_index(out).meta.feature == "fc7"

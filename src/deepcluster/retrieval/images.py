@@ -132,7 +132,7 @@ def index_folder(describer: ImageDescriber, images: str | Path, output: str | Pa
     old: ImageIndex | None = None
     if output.exists() and not rebuild:
         old = load_index(output)
-        check_meta(old, describer.meta, f"{output} (pass --rebuild to start it again)")
+        check_meta(old, describer.meta, str(output))
     changed, gone = stale_paths(old, paths) if old is not None else (paths, [])
     vectors, rows, unreadable = describer.describe_files(changed, batch_size)
     if unreadable:

@@ -182,7 +182,8 @@ def check_meta(index: ImageIndex, expected: IndexMeta, where: str = "index") -> 
     """Raise :class:`ImageIndexError` naming both sides unless ``expected`` is ``index.meta``."""
     if index.meta != expected:
         raise ImageIndexError(f"{where} holds descriptors of {index.meta.describe()}; the query side has "
-                              f"{expected.describe()}: rebuild the index or query with the same model and feature")
+                              f"{expected.describe()}: rebuild the index (deepcluster index --rebuild) or use the "
+                              "same network and feature")
 
 
 def search(index: ImageIndex, queries: np.ndarray, top: int = 10) -> tuple[np.ndarray, np.ndarray]:

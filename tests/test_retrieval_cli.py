@@ -170,3 +170,42 @@ def test_reindex_with_another_feature_needs_rebuild(setup, capsys):
     assert load_index(out).meta.feature == "rmac"  # the refused update left the index as it was
     assert _index(tmp, folder, out, "--feature", "fc7", "--rebuild") == 0
     assert load_index(out).meta.feature == "fc7"
+
+
+def test_whitened_index_stores_and_reuses_its_whitening(setup, capsys):
+    import torch.nn.functional as F
+
+    from deepcluster.clustering import PCAWhitening
+    from deepcluster.retrieval import regional_descriptors
+
+    folder, model, tmp = setup
+    other = tmp / "other"
+    other.mkdir()
+    rng = np.random.default_rng(42)
+    for i in range(8):
+        _picture(rng, 100 + i).save(other / f"o{i}.png")
+    out = tmp / "white.dcindex"
+    assert _index(tmp, folder, out, "--whiten", str(other), "--whiten-dim", "16") == 0
+    assert "11 images (flat, rmac 16-d)" in capsys.readouterr().out
+    index = load_index(out)
+    # reference: the whitening fitted here on every region of every scale of the other images
+    conv = conv_map_fn(model)
+    batch = torch.cat([_transformed(p) for p in sorted(other.glob("*.png"))])
+    sample = [regional_descriptors(conv(F.interpolate(batch, size=(s, s), mode="bilinear", align_corners=False,
+                                                      antialias=True) if s != 28 else batch)).flatten(0, 1)
+              for s in (28, 20, 14)]  # round(28 / sqrt 2) = 20, 28 / 2 = 14
+    white = PCAWhitening(16, whiten=True, normalize=True).fit(torch.cat(sample).numpy())
+    x = _transformed(folder / "04.png")
+    expected = multiscale(x, conv, lambda m: rmac(m, whitening=white)).numpy()[0]
+    stored = index.index.reconstruct(int(index.ids[index.paths.index(str(folder / "04.png"))]))
+    np.testing.assert_allclose(stored, expected, atol=1e-4)
+    assert index.meta.params["whitening"] != "none" and index.meta.dim == 16
+    # re-indexing without --whiten reuses the stored whitening: nothing to describe
+    assert _index(tmp, folder, out) == 0
+    assert "described 0, dropped 0" in capsys.readouterr().out
+    # and the search side applies it: a query finds itself first
+    assert main(["search", str(out), str(folder / "04.png"), "--top", "1", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]["results"][0]
+    assert answer["path"] == str(folder / "04.png") and answer["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert _index(tmp, folder, tmp / "fc7w.dcindex", "--feature", "fc7", "--whiten", str(other)) == 1
+    assert "whitening applies to rmac" in capsys.readouterr().err

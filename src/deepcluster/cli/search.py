@@ -42,6 +42,10 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                    help="rmac (default: regional max-pooling of the last conv layer, 3 scales; best for finding "
                    "the same object or scene) or fc7 (the clustering feature; closer to 'same kind of image')")
     p.add_argument("--rebuild", action="store_true", help="describe every image again, even if INDEX is up to date")
+    p.add_argument("--whiten", metavar="DIR", help="PCA-whiten R-MAC, learning the whitening on the images of DIR: "
+                   "use a different set than --images, as the paper does (Paris for Oxford); kept in INDEX")
+    p.add_argument("--whiten-dim", type=int, metavar="N", help="dimensions kept by the whitening (default: all, the "
+                   "number of channels of the last conv layer)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
@@ -72,7 +76,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     from ..retrieval.images import ImageDescriber, index_folder
 
     describer = ImageDescriber.from_checkpoint(args.checkpoint, args.feature, args.device)
-    rep = index_folder(describer, args.images, args.output, args.batch_size, args.rebuild)
+    rep = index_folder(describer, args.images, args.output, args.batch_size, args.rebuild, args.whiten,
+                       args.whiten_dim)
     print(f"{rep.path}: {rep.total} images ({rep.kind}, {args.feature} {describer.dim}-d); described {rep.described}, "
           f"dropped {rep.removed}, unreadable {len(rep.unreadable)}")
     return 0
@@ -87,10 +92,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
     index = load_index(args.index)
-    checkpoint = args.checkpoint or index.info.get("checkpoint")
-    if not checkpoint:
-        raise ValueError(f"{args.index} does not record its checkpoint; pass --checkpoint")
-    describer = ImageDescriber.from_checkpoint(checkpoint, index.meta.feature, args.device)
+    describer = ImageDescriber.for_index(index, args.checkpoint, args.device)
     answers = search_files(index, describer, args.queries, args.top)
     for a in answers:
         if a.error:

@@ -21,7 +21,7 @@ L2-normalised row per image.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -178,6 +178,26 @@ def rmac(x: torch.Tensor, whitening: PCAWhitening | None = None, levels: int = 3
     return _l2(regional.sum(dim=1))
 
 
+def _scaled_maps(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Tensor],
+                 scales: Sequence[float]) -> Iterator[torch.Tensor]:
+    """``conv_map`` of the batch resized to ``round(s H) x round(s W)`` for each scale ``s``
+    (bilinear, anti-aliased; scale 1 is the batch itself)."""
+    if images.ndim != 4:
+        raise ValueError(f"multi-scale descriptors need images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+    for s in scales:
+        size = (max(1, round(s * images.shape[-2])), max(1, round(s * images.shape[-1])))
+        scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        try:
+            fmap = conv_map(scaled)
+        except RuntimeError as e:  # a map that shrank to nothing inside the network
+            raise ValueError(f"images of {size[0]}x{size[1]} (scale {s:.3g}) are too small for the network; "
+                             f"use larger images or fewer scales ({str(e).splitlines()[0]})") from None
+        yield fmap
+
+
 def multiscale(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Tensor],
                describe: Callable[[torch.Tensor], torch.Tensor] = rmac,
                scales: Sequence[float] = SCALES) -> torch.Tensor:
@@ -197,23 +217,15 @@ def multiscale(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Te
     Returns:
         ``(B, D)`` float32, rows L2-normalised.
     """
-    if images.ndim != 4:
-        raise ValueError(f"multiscale needs images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
-    total = None
-    for s in scales:
-        size = (max(1, round(s * images.shape[-2])), max(1, round(s * images.shape[-1])))
-        scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        try:
-            fmap = conv_map(scaled)
-        except RuntimeError as e:  # a map that shrank to nothing inside the network
-            raise ValueError(f"images of {size[0]}x{size[1]} (scale {s:.3g}) are too small for the network; "
-                             f"use larger images or fewer scales ({str(e).splitlines()[0]})") from None
-        d = describe(fmap)
-        total = d if total is None else total + d
-    return _l2(total)
+    return _l2(sum(describe(fmap) for fmap in _scaled_maps(images, conv_map, scales)))
+
+
+def multiscale_regions(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Tensor],
+                       scales: Sequence[float] = SCALES, levels: int = 3) -> torch.Tensor:
+    """The :func:`regional_descriptors` of every image at every scale, stacked:
+    ``(B, 3, H, W) -> (M, C)``, what the whitening of a multi-scale R-MAC is fitted on."""
+    return torch.cat([regional_descriptors(fmap, levels).flatten(0, 1)
+                      for fmap in _scaled_maps(images, conv_map, scales)])
 
 
 def last_conv_layer(model: DeepClusterNet) -> str:

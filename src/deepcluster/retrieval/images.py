@@ -14,6 +14,7 @@ size the network was trained at, the data set's normalisation), exactly as
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
+from ..clustering import PCAWhitening
 from ..data import DataError, ImageSpec, cluster_transform, image_spec
 from ..export import _batches, find_images
 from ..models import DeepClusterNet
-from .descriptors import SCALES, conv_map_fn, multiscale, rmac
+from .descriptors import SCALES, conv_map_fn, multiscale, multiscale_regions, rmac
 from .index import (ImageIndex, IndexMeta, build_index, check_meta, load_index, model_fingerprint, remove,
                     save_index, search, stale_paths, update)
 
@@ -43,6 +45,25 @@ def checkpoint_spec(state: dict[str, Any]) -> ImageSpec:
     return image_spec(data.get("name", "folder"), state.get("meta", {}).get("image_size") or data.get("image_size"))
 
 
+def whitening_to_json(w: PCAWhitening) -> dict[str, Any]:
+    """A fitted whitening as JSON-able lists (float32 values survive the round trip)."""
+    return {"dim": int(w.projection.shape[1]), "whiten": w.whiten, "normalize": w.normalize, "eps": w.eps,
+            "mean": w.mean.tolist(), "projection": w.projection.tolist(), "eigenvalues": w.eigenvalues.tolist()}
+
+
+def whitening_from_json(d: dict[str, Any]) -> PCAWhitening:
+    """Inverse of :func:`whitening_to_json`."""
+    return PCAWhitening.from_state_dict({**d, **{k: torch.tensor(d[k], dtype=torch.float32)
+                                                 for k in ("mean", "projection", "eigenvalues")}})
+
+
+def whitening_fingerprint(w: PCAWhitening | None) -> str:
+    """``"none"``, or the first 16 hex digits of the SHA-256 of its mean and projection."""
+    if w is None:
+        return "none"
+    return hashlib.sha256(w.mean.tobytes() + w.projection.tobytes()).hexdigest()[:16]
+
+
 class ImageDescriber:
     """Image files -> L2-normalised descriptors ``(N, D)`` with one network.
 
@@ -51,9 +72,11 @@ class ImageDescriber:
         spec: input size and normalisation (:func:`checkpoint_spec`).
         feature: ``"rmac"`` or ``"fc7"``.
         checkpoint: where the network came from (kept with an index, not compared).
+        whitening: for ``rmac``, a fitted R-MAC whitening (:meth:`fit_whitening`) or None.
     """
 
-    def __init__(self, model: DeepClusterNet, spec: ImageSpec, feature: str = "rmac", checkpoint: str = "") -> None:
+    def __init__(self, model: DeepClusterNet, spec: ImageSpec, feature: str = "rmac", checkpoint: str = "",
+                 whitening: PCAWhitening | None = None) -> None:
         if feature not in FEATURES:
             raise ValueError(f"unknown retrieval feature {feature!r}; choose one of {list(FEATURES)}")
         self.model = model.eval()
@@ -62,20 +85,68 @@ class ImageDescriber:
         self.checkpoint = checkpoint
         self.transform = cluster_transform(spec)
         self.conv_map = conv_map_fn(model)
-        self.describe_batch = functools.partial(multiscale, conv_map=self.conv_map, describe=rmac, scales=SCALES)
+        self.fingerprint = model_fingerprint(model)
         device = next(model.parameters()).device
         probe = torch.zeros(1, 3, spec.size, spec.size, device=device)
-        self.dim = int(self.conv_map(probe).shape[1]) if feature == "rmac" else int(model.fc_dim)
-        params: dict[str, Any] = {"image_size": spec.size}
-        if feature == "rmac":
-            params.update(levels=RMAC_LEVELS, scales=[round(s, 6) for s in SCALES], whitening="none")
-        self.meta = IndexMeta(model_fingerprint(model), feature, self.dim, params)
+        self.channels = int(self.conv_map(probe).shape[1])
+        self.set_whitening(whitening)
+
+    def set_whitening(self, whitening: PCAWhitening | None) -> None:
+        """Use ``whitening`` (fitted on this network's regional descriptors) from now on."""
+        if whitening is not None and self.feature != "rmac":
+            raise ValueError(f"whitening applies to rmac descriptors, not {self.feature}")
+        if whitening is not None and whitening.projection.shape[0] != self.channels:
+            raise ValueError(f"the whitening was fitted on {whitening.projection.shape[0]}-d regional descriptors, "
+                             f"this network's last conv layer has {self.channels} channels")
+        self.whitening = whitening
+        self.describe_batch = functools.partial(multiscale, conv_map=self.conv_map, scales=SCALES,
+                                                describe=functools.partial(rmac, whitening=whitening))
+        if self.feature == "fc7":
+            self.dim = int(self.model.fc_dim)
+        else:
+            self.dim = self.channels if whitening is None else int(whitening.projection.shape[1])
+
+    @property
+    def meta(self) -> IndexMeta:
+        """What this describer's vectors are (compared with an index's)."""
+        params: dict[str, Any] = {"image_size": self.spec.size}
+        if self.feature == "rmac":
+            params.update(levels=RMAC_LEVELS, scales=[round(s, 6) for s in SCALES],
+                          whitening=whitening_fingerprint(self.whitening))
+        return IndexMeta(self.fingerprint, self.feature, self.dim, params)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, feature: str = "rmac", device: str = "cpu") -> "ImageDescriber":
         """The final network of a checkpoint (a run directory or a ``.pt`` file)."""
         model, state = load_model(checkpoint)
         return cls(model.to(device), checkpoint_spec(state), feature, str(Path(checkpoint).resolve()))
+
+    @classmethod
+    def for_index(cls, index: ImageIndex, checkpoint: str | Path | None = None,
+                  device: str = "cpu") -> "ImageDescriber":
+        """The describer of ``index``'s vectors: its recorded checkpoint (or ``checkpoint``),
+        feature and whitening."""
+        checkpoint = checkpoint or index.info.get("checkpoint")
+        if not checkpoint:
+            raise ValueError("the index does not record its checkpoint; pass --checkpoint")
+        describer = cls.from_checkpoint(checkpoint, index.meta.feature, device)
+        if index.info.get("whitening"):
+            describer.set_whitening(whitening_from_json(index.info["whitening"]))
+        return describer
+
+    def fit_whitening(self, paths: Sequence[str], dim: int | None = None, batch_size: int = 64) -> PCAWhitening:
+        """Fit the R-MAC PCA-whitening on the regional descriptors (every region, every
+        scale) of the images ``paths`` — the paper learns it on a different image set
+        than the one searched. ``dim`` defaults to the number of channels."""
+        sample = []
+        with torch.no_grad():
+            for _, x, _ in _batches(paths, self.transform, batch_size):
+                if x is not None:
+                    device = next(self.model.parameters()).device
+                    sample.append(multiscale_regions(x.to(device), self.conv_map, SCALES, RMAC_LEVELS).cpu().numpy())
+        if not sample:
+            raise DataError(f"none of the {len(paths)} whitening images could be read")
+        return PCAWhitening(dim or self.channels, whiten=True, normalize=True).fit(np.concatenate(sample))
 
     @torch.no_grad()
     def describe(self, x: torch.Tensor) -> np.ndarray:
@@ -118,20 +189,30 @@ class IndexReport:
 
 
 def index_folder(describer: ImageDescriber, images: str | Path, output: str | Path, batch_size: int = 64,
-                 rebuild: bool = False) -> IndexReport:
+                 rebuild: bool = False, whiten_images: str | Path | None = None,
+                 whiten_dim: int | None = None) -> IndexReport:
     """Index every image under ``images`` into ``output``; when ``output`` is an index of
     the same descriptors (and not ``rebuild``), only new or changed files (size or mtime)
     are described, and files gone are dropped.
 
+    With ``whiten_images`` (a different image set), R-MAC is PCA-whitened
+    (:meth:`ImageDescriber.fit_whitening`) and the whitening is stored in the index;
+    without it, an existing index's stored whitening is used again.
+
     Raises:
         DataError: no image at all can be read.
-        ImageIndexError: ``output`` holds descriptors of another network or feature.
+        ImageIndexError: ``output`` holds descriptors of another network, feature or whitening.
     """
     paths = find_images(images)
     output = Path(output)
-    old: ImageIndex | None = None
-    if output.exists() and not rebuild:
-        old = load_index(output)
+    old = load_index(output) if output.exists() and not rebuild else None
+    if whiten_images is not None and describer.feature != "rmac":
+        raise ValueError(f"whitening applies to rmac descriptors, not {describer.feature}")
+    if whiten_images is not None:
+        describer.set_whitening(describer.fit_whitening(find_images(whiten_images), whiten_dim, batch_size))
+    elif old is not None and old.info.get("whitening") and old.meta.feature == describer.feature:
+        describer.set_whitening(whitening_from_json(old.info["whitening"]))
+    if old is not None:
         check_meta(old, describer.meta, str(output))
     changed, gone = stale_paths(old, paths) if old is not None else (paths, [])
     vectors, rows, unreadable = describer.describe_files(changed, batch_size)
@@ -139,7 +220,8 @@ def index_folder(describer: ImageDescriber, images: str | Path, output: str | Pa
         logger.warning("%d of %d images could not be read and are not indexed; first: %s (%s)",
                        len(unreadable), len(changed), *unreadable[0])
     done = [changed[i] for i in rows]
-    info = {"checkpoint": describer.checkpoint}
+    info = {"checkpoint": describer.checkpoint,
+            "whitening": None if describer.whitening is None else whitening_to_json(describer.whitening)}
     removed = 0
     if old is None:
         if not done:
@@ -168,8 +250,8 @@ class QueryResult:
 
 def search_files(index: ImageIndex, describer: ImageDescriber, queries: Sequence[str], top: int = 10,
                  batch_size: int = 64) -> list[QueryResult]:
-    """Search ``index`` with each query image; a query that cannot be read gets an error,
-    the others are answered."""
+    """Search ``index`` with each query image (``describer``: :meth:`ImageDescriber.for_index`);
+    a query that cannot be read gets an error, the others are answered."""
     check_meta(index, describer.meta)
     out = [QueryResult(str(q)) for q in queries]
     for q in out:
@@ -187,4 +269,4 @@ def search_files(index: ImageIndex, describer: ImageDescriber, queries: Sequence
 
 
 __all__ = ["FEATURES", "ImageDescriber", "IndexReport", "QueryResult", "checkpoint_spec", "index_folder",
-           "search_files"]
+           "search_files", "whitening_fingerprint", "whitening_from_json", "whitening_to_json"]

@@ -192,7 +192,9 @@ def _scaled_maps(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.
             images, size=size, mode="bilinear", align_corners=False, antialias=True)
         try:
             fmap = conv_map(scaled)
-        except RuntimeError as e:  # a map that shrank to nothing inside the network
+        except RuntimeError as e:  # a map that shrank to nothing inside the network (not, e.g., out of memory)
+            if "too small" not in str(e) and "Kernel size" not in str(e):
+                raise
             raise ValueError(f"images of {size[0]}x{size[1]} (scale {s:.3g}) are too small for the network; "
                              f"use larger images or fewer scales ({str(e).splitlines()[0]})") from None
         yield fmap

@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, saved_config
 from ..clustering import PCAWhitening
 from ..data import DataError, ImageSpec, cluster_transform, image_spec
-from ..export import _batches, find_images
+from ..data.files import FileImages
+from ..export import find_images
+from ..features import iter_features, make_loader
 from ..models import DeepClusterNet
 from .descriptors import SCALES, conv_map_fn, multiscale, multiscale_regions, rmac
 from .index import (ImageIndex, IndexMeta, build_index, check_meta, load_index, model_fingerprint, remove,
@@ -41,8 +43,9 @@ RMAC_LEVELS = 3
 
 def checkpoint_spec(state: dict[str, Any]) -> ImageSpec:
     """Image size and normalisation the checkpoint's network was trained with."""
-    data = state.get("config", {}).get("data", {})
-    return image_spec(data.get("name", "folder"), state.get("meta", {}).get("image_size") or data.get("image_size"))
+    data = saved_config(state).data if state.get("config") else None
+    return image_spec(data.name if data else "folder", state.get("meta", {}).get("image_size")
+                      or (data.image_size if data else None))
 
 
 def whitening_to_json(w: PCAWhitening) -> dict[str, Any]:
@@ -139,11 +142,12 @@ class ImageDescriber:
         scale) of the images ``paths`` — the paper learns it on a different image set
         than the one searched. ``dim`` defaults to the number of channels."""
         sample = []
-        with torch.no_grad():
-            for _, x, _ in _batches(paths, self.transform, batch_size):
-                if x is not None:
-                    device = next(self.model.parameters()).device
-                    sample.append(multiscale_regions(x.to(device), self.conv_map, SCALES, RMAC_LEVELS).cpu().numpy())
+        device = next(self.model.parameters()).device
+        with torch.no_grad():  # every region of every readable image: not one row per image, so no iter_features
+            for x, _, reasons in make_loader(self.files(paths), batch_size, 0):
+                ok = torch.tensor([not r for r in reasons])
+                if ok.any():
+                    sample.append(multiscale_regions(x[ok].to(device), self.conv_map, SCALES, RMAC_LEVELS).cpu().numpy())
         if not sample:
             raise DataError(f"none of the {len(paths)} whitening images could be read")
         return PCAWhitening(dim or self.channels, whiten=True, normalize=True).fit(np.concatenate(sample))
@@ -166,13 +170,21 @@ class ImageDescriber:
             ``(vectors (M, D), rows (M,) positions in paths, unreadable [(path, reason)])``.
         """
         vectors, rows, unreadable = [], [], []
-        for ok, x, bad in _batches(paths, self.transform, batch_size):
-            unreadable += [(paths[i], reason) for i, reason in bad]
-            if x is not None:
-                vectors.append(self.describe(x))
-                rows += ok
-        v = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        device = next(self.model.parameters()).device
+        forward = (lambda x: self.model.forward_fc7(x)) if self.feature == "fc7" else self.describe_batch
+        for idx, v, (reasons,) in iter_features(forward, make_loader(self.files(paths), batch_size, 0), device,
+                                                desc="describe"):
+            ok = np.array([not r for r in reasons], dtype=bool)
+            unreadable += [(paths[i], r) for i, r in zip(idx, reasons) if r]
+            v = v[ok]
+            vectors.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+            rows += idx[ok].tolist()
+        v = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, self.dim), np.float32)
         return v, rows, unreadable
+
+    def files(self, paths: Sequence[str]) -> FileImages:
+        """``paths`` as a data set of ``(image, index, reason)`` (:class:`~deepcluster.data.files.FileImages`)."""
+        return FileImages(list(paths), self.transform, (3, self.spec.size, self.spec.size))
 
 
 @dataclass

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 def test_auto_follows_the_devices_native_support(monkeypatch):
-    import deepcluster.train as train_mod
+    import deepcluster.runtime as train_mod  # where native_bf16 lives
 
     for value in ("none", "bf16", "fp16"):
         assert resolve_amp(value, CPU) == value  # explicit choices are never changed
@@ -87,7 +87,7 @@ def test_bf16_gradients_point_where_float32_gradients_point():
 
 def test_a_bf16_channels_last_run_trains_and_keeps_auto_in_its_config(tiny_mnist_root, tmp_path, monkeypatch,
                                                                       caplog):
-    import deepcluster.train as train_mod
+    import deepcluster.runtime as train_mod  # where native_bf16 lives
 
     caplog.set_level(logging.INFO, logger="deepcluster")
     monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)

@@ -20,6 +20,7 @@ from deepcluster.viz.filters import filter_grid, first_layer_filters
 from deepcluster.viz.images import make_grid, save_png, to_display
 from deepcluster.viz.neighbors import nearest_neighbors, neighbor_label_agreement
 from deepcluster.config import DataConfig
+from deepcluster.monitor import default_callbacks
 from deepcluster.rundir import Run
 from deepcluster.viz.synthesis import gaussian_blur, layer_mean_activations, noise_images, synthesize
 
@@ -264,7 +265,8 @@ def test_tensorboard_writer_logs_scalars_and_images(tmp_path):
 def test_train_with_tensorboard_writes_events(tiny_mnist_root, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    train(resolve(overrides={"data": {"root": str(tiny_mnist_root), "download": False, "subset": 80},
+    cfg = resolve(overrides={"data": {"root": str(tiny_mnist_root), "download": False, "subset": 80},
                              "cluster": {"k": 5, "pca_dim": 16}, "optim": {"epochs": 1, "batch_size": 64},
-                             "run": {"output_dir": str(out), "workers": 0, "tensorboard": True}}))
+                             "run": {"output_dir": str(out), "workers": 0, "tensorboard": True}})
+    train(cfg, callbacks=default_callbacks(cfg))
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -158,6 +158,14 @@ class RunConfig:
     """Seconds a collective waits for the other ranks before failing (torchrun runs)."""
     eval_every: int = 0
     """Run the kNN probe on a held-out part every N epochs (0: never)."""
+    keep_every: int = 0
+    """Keep ``checkpoint-epochE.pt`` (weights, PCA, centroids; no optimiser) every N epochs
+    beside the rolling ``checkpoint.pt`` (0: never)."""
+    keep_last: int = 0
+    """Keep at most this many ``checkpoint-epochE.pt`` snapshots, the newest (0: all)."""
+    best_metric: str = "knn_top1"
+    """The record key whose highest value selects ``best.pt`` (written when the epoch's
+    record has it: the kNN probe's ``knn_top1`` with ``eval_every``)."""
     tensorboard: bool = False
 
 
@@ -348,6 +356,8 @@ def validate(cfg: Config) -> None:
         (cfg.optim.temperature > 0, "optim.temperature must be > 0"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (cfg.run.workers >= 0, "run.workers must be >= 0"),
+        (cfg.run.keep_every >= 0, "run.keep_every must be >= 0 (0: no snapshots)"),
+        (cfg.run.keep_last >= 0, "run.keep_last must be >= 0 (0: keep every snapshot)"),
         (cfg.cluster.feature_dtype in ("float32", "float16"), f"cluster.feature_dtype must be float32 or float16, got {cfg.cluster.feature_dtype!r}"),
         (cfg.cluster.pca_sample is None or cfg.cluster.pca_sample >= 2, "cluster.pca_sample must be >= 2 (or null: automatic)"),
         (cfg.run.amp in ("none", "bf16", "fp16", "auto"), f"run.amp must be none, bf16, fp16 or auto, got {cfg.run.amp!r}"),

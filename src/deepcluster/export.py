@@ -40,7 +40,7 @@ from .data.files import FileImages, read_image
 from .features import iter_features, make_loader
 from .data.sources import IMAGE_EXTENSIONS
 from .models import DeepClusterNet
-from .rundir import Run, ensure_writable_dir
+from .rundir import Run, checkpoint_path, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class ExportResult:
 
 def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str = "csv",
                features: str | None = None, batch_size: int = 256, workers: int = 0,
-               device: str = "cpu") -> ExportResult:
+               device: str = "cpu", epoch: int | str | None = None) -> ExportResult:
     """Write every training image's cluster at the last epoch.
 
     Columns: ``index`` (the image's index in its data-set split), ``path`` (folder data
@@ -307,7 +307,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
         out_path = None
     else:
         out_path = check_output(output if output is not None else run_dir / f"clusters.{fmt}", fmt)
-    run = Run.load(run_dir, device=device)
+    run = Run.load(checkpoint_path(run_dir, epoch), device=device)
     clusters = run.last_assignments
     n = len(run.source)
     if len(clusters) != n:

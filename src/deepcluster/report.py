@@ -40,7 +40,7 @@ from .viz.clusters import cluster_members, cluster_title, contact_sheet, pick_cl
 from .viz.filters import plot_filters
 from .viz.images import run_display, save_png
 from .viz.neighbors import nearest_neighbors, neighbor_label_agreement, plot_neighbors
-from .rundir import CHECKPOINT, Run, RunDir, ensure_writable_dir, sample_indices
+from .rundir import CHECKPOINT, Run, RunDir, checkpoint_path, ensure_writable_dir, sample_indices
 from .viz.synthesis import plot_synthesis, synthesis_display, synthesize
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class _Timer:
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options: ReportOptions | None = None,
+                 epoch: int | str | None = None,
                  device: str = "cpu") -> Path:
     """Write the report of ``run_dir``; returns the path of ``index.html``.
 
@@ -143,7 +144,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options
 
     run: Run | None = None
     if (run_dir / CHECKPOINT).is_file():
-        run = Run.load(run_dir, require_metrics=True, device=device)
+        run = Run.load(checkpoint_path(run_dir, epoch), require_metrics=True, device=device)
         check_layer(run.model, opt.layer)
     assignments = run.assignments if run is not None else RunDir(run_dir).read_assignments()
 

@@ -8,6 +8,8 @@ A run directory holds:
 | ``metrics.jsonl`` | train | one JSON record per finished epoch |
 | ``assignments.npy`` | train | int32 ``(epochs, N)``: every epoch's cluster of every image |
 | ``checkpoint.pt`` | train | everything a resume needs (:mod:`deepcluster.checkpoint`) |
+| ``checkpoint-epochE.pt`` | train ``--keep-every`` | the run after E epochs, without the optimiser |
+| ``best.pt`` | train (``--eval-every``) | the epoch with the best ``run.best_metric``, without the optimiser |
 | ``nmi.png`` | train (monitor) | NMI over the epochs |
 | ``train.log`` / ``train.rank<N>.log`` | train | the log of rank 0 / rank N |
 | ``run.lock`` | train | held (``flock``) while a training process owns the folder |
@@ -165,6 +167,56 @@ class RunDir:
         clean = lambda t: str(t).replace("\t", " ").replace("\n", " ")  # noqa: E731
         write_text(self.skipped, "".join(f"{clean(p)}\t{clean(r)}\n" for p, r in skipped))
 
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, epoch: int) -> Path:
+        """``checkpoint-epochE.pt``: the run after ``epoch`` completed epochs."""
+        return self.path / f"checkpoint-epoch{epoch}.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    def snapshots(self) -> dict[int, Path]:
+        """Completed epochs -> ``checkpoint-epochE.pt``, oldest first."""
+        found = {}
+        for p in self.path.glob("checkpoint-epoch*.pt"):
+            tail = p.stem[len("checkpoint-epoch"):]
+            if tail.isdigit():
+                found[int(tail)] = p
+        return dict(sorted(found.items()))
+
+    def prune_snapshots(self, keep_last: int) -> list[Path]:
+        """Remove all but the ``keep_last`` newest snapshots (0: keep all); returns the removed."""
+        snaps = list(self.snapshots().values())
+        gone = snaps[:-keep_last] if keep_last and len(snaps) > keep_last else []
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return gone
+
+    def checkpoint_for(self, epoch: int | str | None = None) -> Path:
+        """The checkpoint of ``epoch``: ``None`` the last (``checkpoint.pt``), ``"best"``
+        (``best.pt``), or ``E`` completed epochs (``checkpoint-epochE.pt``, or
+        ``checkpoint.pt`` when that is the last epoch).
+
+        Raises:
+            RunDirError: no such checkpoint (the message lists the ones there are).
+        """
+        if epoch is None:
+            return self.checkpoint
+        if epoch == "best":
+            if self.best.is_file():
+                return self.best
+        else:
+            e = parse_epoch(epoch)
+            if e in self.snapshots():
+                return self.snapshots()[e]
+            if self.checkpoint.is_file() and (self.read_metrics() or [{}])[-1].get("epoch") == e - 1:
+                return self.checkpoint
+        have = [f"{e}" for e in self.snapshots()] + (["best"] if self.best.is_file() else [])
+        raise RunDirError(f"{self.path} has no checkpoint for --epoch {epoch}; available: "
+                          f"{', '.join(have) or 'only the last (checkpoint.pt): train with --keep-every N'}")
+
     def output_dir(self, name: str, override: str | Path | None = None) -> Path:
         """``RUN/<name>`` (or ``override``), created and checked writable.
 
@@ -172,6 +224,30 @@ class RunDir:
             RunDirError: it cannot be created or written (naming the reason).
         """
         return ensure_writable_dir(override if override is not None else self.path / name)
+
+
+def parse_epoch(value: int | str) -> int | str:
+    """``--epoch`` as given: ``"best"`` or a positive number of completed epochs."""
+    if value == "best":
+        return value
+    try:
+        e = int(value)
+    except (TypeError, ValueError):
+        raise RunDirError(f"--epoch must be a number of completed epochs or 'best', got {value!r}") from None
+    if e < 1:
+        raise RunDirError(f"--epoch must be >= 1 (epochs completed), got {e}")
+    return e
+
+
+def checkpoint_path(run_or_checkpoint: str | Path, epoch: int | str | None = None) -> Path:
+    """The checkpoint file ``--checkpoint RUN [--epoch E|best]`` names: a run directory
+    with an epoch resolves through :meth:`RunDir.checkpoint_for`; a ``.pt`` file is itself."""
+    p = Path(run_or_checkpoint)
+    if epoch is None:
+        return p
+    if not p.is_dir():
+        raise RunDirError(f"--epoch needs a run directory, not the file {p}")
+    return RunDir(p).checkpoint_for(epoch)
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -345,4 +421,4 @@ def sample_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 __all__ = ["ASSIGNMENTS", "CHECKPOINT", "CONFIG", "METRICS", "Run", "RunDir", "RunDirError", "RunLog",
-           "CheckpointError", "ensure_writable_dir", "sample_indices"]
+           "CheckpointError", "checkpoint_path", "ensure_writable_dir", "parse_epoch", "sample_indices"]

@@ -277,19 +277,23 @@ def _loop(s: Session, callbacks: list[Callback], log: RunLog) -> dict[str, Any]:
 
 
 def _save_epoch(s: Session, epoch: int, extra: dict[str, Any]) -> None:
-    """Assignments, metrics, then the checkpoint (the commit point of the epoch)."""
+    """Assignments, metrics, then the checkpoint (the commit point of the epoch); then the
+    snapshots: ``checkpoint-epochE.pt`` every ``run.keep_every`` epochs, ``best.pt`` when
+    the record's ``run.best_metric`` is the best so far (both without the optimiser)."""
     s.run.write_assignments(s.history)
     s.run.write_metrics(s.records)
-    save_checkpoint({
-        "model": {k: v.detach().cpu() for k, v in s.model.state_dict().items()},
-        "optimizer": s.optimizer.state_dict(),
-        "epoch": epoch + 1,
-        "rng": rng_state(),
-        "assignments": torch.from_numpy(s.history),
-        "meta": s.meta,
-        "config": s.cfg.to_dict(),
-        **extra,
-    }, s.run.checkpoint)
+    state = {"model": {k: v.detach().cpu() for k, v in s.model.state_dict().items()}, "epoch": epoch + 1,
+             "assignments": torch.from_numpy(s.history), "meta": s.meta, "config": s.cfg.to_dict(), **extra}
+    save_checkpoint({**state, "optimizer": s.optimizer.state_dict(), "rng": rng_state()}, s.run.checkpoint)
+    run = s.cfg.run
+    if run.keep_every and (epoch + 1) % run.keep_every == 0:
+        save_checkpoint(state, s.run.snapshot(epoch + 1))
+        s.run.prune_snapshots(run.keep_last)
+    score = s.records[-1].get(run.best_metric)
+    earlier = [r[run.best_metric] for r in s.records[:-1] if r.get(run.best_metric) is not None]
+    if score is not None and (not earlier or score > max(earlier) or not s.run.best.is_file()):
+        save_checkpoint({**state, "best": {"metric": run.best_metric, "value": score}}, s.run.best)
+        logger.info("best.pt: epoch %d (%s %.4f)", epoch, run.best_metric, score)
 
 
 def _summary_line(r: dict[str, Any]) -> str:

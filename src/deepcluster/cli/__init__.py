@@ -21,6 +21,12 @@ logger = logging.getLogger("deepcluster")
 COMMANDS = ["train", "eval", "report", "viz", "export", "assign", "search"]
 
 
+def add_epoch_flag(p: argparse.ArgumentParser) -> None:
+    """``--epoch E|best``: which checkpoint of a run directory (default: the last)."""
+    p.add_argument("--epoch", metavar="E|best", help="the run after E completed epochs (a checkpoint-epochE.pt kept "
+                   "with train --keep-every) or 'best' (best.pt, train --eval-every); default: the last")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepcluster", description="DeepCluster: unsupervised convnet features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")

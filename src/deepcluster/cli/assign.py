@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_epoch_flag
 from .export import FEATURE_KINDS, FORMATS
 
 
@@ -13,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "checkpoint, in the same space as training (clustering transform, the clustered features, the "
                        "checkpoint's PCA-whitening). Unreadable files are listed with cluster -1 and an error.")
     p.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint.pt")
+    add_epoch_flag(p)
     p.add_argument("--images", required=True, help="a folder of images (searched recursively) or one image")
     p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), parquet or npy")
     p.add_argument("--output", "-o", help="output file (default: CSV on stdout)")
@@ -30,7 +32,9 @@ def cmd_assign(args: argparse.Namespace) -> int:
     out = None if args.output in (None, "-") else check_output(args.output, args.format)
     if out is None and args.format != "csv":
         raise ValueError(f"--format {args.format} needs --output FILE")
-    res = assign_images(args.checkpoint, args.images, args.features, args.batch_size, args.device)
+    from ..rundir import checkpoint_path
+
+    res = assign_images(checkpoint_path(args.checkpoint, args.epoch), args.images, args.features, args.batch_size, args.device)
     write_table(res.columns(), out, args.format)
     if out is not None:
         print(out)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from . import add_epoch_flag
+
 logger = logging.getLogger("deepcluster")
 
 PROTOCOLS = ("linear", "mlp", "knn", "clusters", "finetune")
@@ -39,6 +41,7 @@ def _common(p: argparse.ArgumentParser, pixels: bool) -> None:
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--checkpoint", metavar="RUN_DIR_OR_FILE",
                    help="run directory (its checkpoint.pt) or a .pt file; results go to RUN_DIR/eval/")
+    add_epoch_flag(g)
     if pixels:
         g.add_argument("--pixels", action="store_true",
                        help="evaluate raw pixels instead of a network (baseline; needs --data and --output-dir)")
@@ -144,7 +147,10 @@ def _context(args: argparse.Namespace):
     if not args.checkpoint:
         hint = " or --pixels" if args.protocol in PIXEL_PROTOCOLS else ""
         raise ValueError(f"eval {args.protocol} needs --checkpoint RUN_DIR_OR_FILE{hint}")
-    return open_checkpoint(args.checkpoint, data=args.data, device=args.device, **common)
+    from ..rundir import checkpoint_path
+
+    return open_checkpoint(checkpoint_path(args.checkpoint, args.epoch), data=args.data, device=args.device,
+                           **common)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_epoch_flag
+
 
 # The choices of deepcluster.export, repeated here so that building the parser does not
 # import torch; tests/test_export_assign.py checks that the two agree.
@@ -17,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "label (labelled data sets) and cluster at the last epoch; with --features also the "
                        "squared distance to its centroid and the feature vector.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `deepcluster train` run")
+    add_epoch_flag(p)
     p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), parquet (needs pyarrow) or npy "
                    "(a structured array: np.load(FILE)['cluster'])")
     p.add_argument("--output", "-o", help="output file (default RUN_DIR/clusters.FORMAT; '-' = CSV on stdout)")
@@ -34,7 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_run
 
     res = export_run(args.run_dir, args.output, args.format, args.features, args.batch_size, args.workers,
-                     args.device)
+                     args.device, epoch=args.epoch)
     if res.path is not None:
         print(res.path)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from . import add_epoch_flag
+
 logger = logging.getLogger("deepcluster")
 
 
@@ -23,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "top-activating images, synthesised filters, nearest neighbours and cluster contact "
                        "sheets, as PNG files beside a static page that opens from disk.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `deepcluster train` run")
+    add_epoch_flag(p)
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--layer", default=d.layer, help=f"conv layer for top images and synthesis (default {d.layer})")
     p.add_argument("--sample", type=int, default=d.sample,
@@ -51,7 +54,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     opt = ReportOptions(layer=args.layer, sample=args.sample, num_filters=args.num_filters,
                         synth_steps=args.synth_steps, queries=args.queries, largest=args.clusters[0],
                         smallest=args.clusters[1], random_clusters=args.clusters[2], seed=args.seed)
-    index = build_report(args.run_dir, args.out, opt, device=args.device)
+    index = build_report(args.run_dir, args.out, opt, device=args.device, epoch=args.epoch)
     print(index)
     if args.screenshot:
         print(render_screenshot(index, args.screenshot))

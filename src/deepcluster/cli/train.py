@@ -28,6 +28,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "output_dir": ("run", "output_dir"), "device": ("run", "device"), "seed": ("run", "seed"),
     "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
+    "keep_every": ("run", "keep_every"), "keep_last": ("run", "keep_last"),
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
     "crop_scale": ("augment", "crop_scale"), "hflip": ("augment", "hflip"), "affine": ("augment", "affine"),
     "erasing": ("augment", "erasing"), "whiten": ("cluster", "whiten"), "whiten_eps": ("cluster", "whiten_eps"),
@@ -135,7 +136,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels: exact resume")
     g.add_argument("--resume", action="store_const", const=True,
                    help="continue the run in --output-dir (its config.yaml is the base; flags override it)")
-    g.add_argument("--eval-every", type=int, help="kNN probe on a held-out part every N epochs")
+    g.add_argument("--eval-every", type=int, help="kNN probe on a held-out part every N epochs; the best epoch by it "
+                   "is kept as best.pt (labelled data sets only)")
+    g.add_argument("--keep-every", type=int, help="keep checkpoint-epochE.pt every N epochs beside checkpoint.pt "
+                   "(for eval/report/export/assign --epoch E; default 0: none)")
+    g.add_argument("--keep-last", type=int, help="keep at most the M newest checkpoint-epochE.pt (default 0: all)")
     g.add_argument("--tensorboard", action="store_const", const=True, help="write TensorBoard scalars and images")
     g = p.add_argument_group("scale-out (launch with torchrun --nproc-per-node G -m deepcluster train ...)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"],

@@ -87,6 +87,8 @@ def test_two_moons_graph_methods_succeed(method):
     res = FINAL_METHODS[method](x, 2, 0)
     _check_result(res, x, 2)
     assert adjusted_rand_score(labels, res.assignments) >= 0.95
+    if method == "spectral":
+        assert res.info["components"] == 1  # the eigenvector path, not the component shortcut
 
 
 def test_two_moons_kmeans_fails():
@@ -127,13 +129,19 @@ def test_graph_confidence_is_neighbour_agreement():
     np.testing.assert_allclose(res.confidence, ref)
 
 
-def test_leiden_reaches_k_by_merging_when_components_outnumber_it():
+@pytest.mark.parametrize("method", ["leiden", "spectral"])
+def test_graph_methods_merge_components_when_they_outnumber_k(method):
     x, labels = _blobs(n_per=40, k=6, noise=0.03, seed=4)  # six kNN components: K=4 is below any resolution
-    res = F.final_leiden(x, 4, 0)
+    res = FINAL_METHODS[method](x, 4, 0)
     _check_result(res, x, 4)
-    assert res.info["communities"] > 4 and res.info["merged"] == res.info["communities"] - 4
+    if method == "leiden":
+        assert res.info["communities"] > 4 and res.info["merged"] == res.info["communities"] - 4
+    else:
+        assert res.info["components"] == 6
     for c in range(6):  # a blob is never split: groups are unions of blobs
         assert np.unique(res.assignments[labels == c]).size == 1
+    again = FINAL_METHODS[method](x, 4, 0)
+    np.testing.assert_array_equal(res.assignments, again.assignments)
 
 
 def test_merge_smallest_follows_links_then_nearest_mean():

@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse
+from scipy.sparse.csgraph import connected_components
 
 from .kmeans import KMeansResult, kmeans
 from .pic import knn_graph
@@ -98,7 +99,7 @@ class FinalClusters:
         assignments: ``(N,)`` int64 group of every row, in ``[0, K)``; groups are numbered
             by decreasing size (ties: by smallest member row).
         confidence: ``(N,)`` float64 in ``[0, 1]``. Centre-based methods (``kmeans``,
-            ``spectral``, ``umap-kmeans``): ``1 - d1 / d2``, the margin between the nearest
+            ``spectral`` but see :func:`final_spectral`, ``umap-kmeans``): ``1 - d1 / d2``, the margin between the nearest
             and second-nearest centre in the space the method clustered (0 on the border,
             1 at a centre); ``umap-gmm``: the posterior probability of the group; graph
             methods (``leiden``, ``merge``): the share of the row's nearest neighbours in
@@ -284,7 +285,11 @@ def final_spectral(x: np.ndarray, k: int, seed: int = 0, *, n_neighbors: int = S
 
     The graph ``W = (A + A^T) / 2`` of the exact (faiss) kNN matrix ``A``; the ``K``
     leading eigenvectors of ``D^-1/2 W D^-1/2`` (scipy's ARPACK ``eigsh``), each row
-    L2-normalised, then k-means. Written out rather than scikit-learn's
+    L2-normalised, then k-means. When the graph has ``K`` or more connected components,
+    the eigenvalue 1 repeats at least ``K`` times and its eigenvectors only say which
+    component a row is in (any ``K`` of them are as good): the components are then the
+    groups, the smallest merged into the one with the nearest mean row until ``K`` remain
+    (as for Leiden; confidence is then the neighbour agreement). Written out rather than scikit-learn's
     ``SpectralClustering`` so it needs no optional package, uses the same faiss kNN as
     the rest of the package, and seeds the eigensolver explicitly; the algorithm is the
     same (their ``precomputed_nearest_neighbors`` affinity is this ``W``).
@@ -302,9 +307,15 @@ def final_spectral(x: np.ndarray, k: int, seed: int = 0, *, n_neighbors: int = S
     if z.shape[0] < 3:
         raise FinalClusteringError(f"spectral: needs at least 3 rows, got {z.shape[0]}")
     idx = _neighbors(z, n_neighbors)
-    u = l2_normalize(_spectral_embedding(_symmetric_graph(idx), k, seed)).astype(np.float32)
+    w = _symmetric_graph(idx)
+    n_comp, comp = connected_components(w, directed=False)
+    info = {"n_neighbors": idx.shape[1], "components": int(n_comp)}
+    if n_comp >= k:  # the leading eigenspace only says which component a row is in
+        labels = _merge_smallest(comp, w, z, k)
+        return _finish(z, labels, k, _agreement(idx, labels), "spectral", t0, info)
+    u = l2_normalize(_spectral_embedding(w, k, seed)).astype(np.float32)
     res = _lowest_loss_kmeans(u, k, seed, n_init, KMEANS_NITER)
-    return _finish(z, res.assignments, k, _margin(u, res.centroids), "spectral", t0, {"n_neighbors": idx.shape[1]})
+    return _finish(z, res.assignments, k, _margin(u, res.centroids), "spectral", t0, info)
 
 
 def _leiden_runner(w: scipy.sparse.csr_matrix, seed: int) -> Callable[[float], np.ndarray]:

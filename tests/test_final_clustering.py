@@ -154,7 +154,8 @@ def test_merge_smallest_follows_links_then_nearest_mean():
     w[9, 4] = w[4, 9] = 1.0
     w[0, 4] = w[4, 0] = 1.0
     out = F._merge_smallest(labels, F.scipy.sparse.csr_matrix(w), z, 2)
-    # Step 1: group 3 (size 1) -> group 1 (its only link). Step 2: group 2 (size 2) has no link -> nearest mean, group 0.
+    # Step 1: group 3 (size 1) -> group 1 (its only link).
+    # Step 2: group 2 (size 2) has no link -> the nearest mean, group 0's.
     assert _same_partition(out, np.array([0, 0, 0, 0, 1, 1, 1, 0, 0, 1]))
 
 

@@ -99,11 +99,11 @@ class FinalClusters:
         assignments: ``(N,)`` int64 group of every row, in ``[0, K)``; groups are numbered
             by decreasing size (ties: by smallest member row).
         confidence: ``(N,)`` float64 in ``[0, 1]``. Centre-based methods (``kmeans``,
-            ``spectral`` but see :func:`final_spectral`, ``umap-kmeans``): ``1 - d1 / d2``, the margin between the nearest
-            and second-nearest centre in the space the method clustered (0 on the border,
-            1 at a centre); ``umap-gmm``: the posterior probability of the group; graph
-            methods (``leiden``, ``merge``): the share of the row's nearest neighbours in
-            its group.
+            ``spectral`` but see :func:`final_spectral`, ``umap-kmeans``): ``1 - d1 / d2``,
+            the margin between the nearest and second-nearest centre in the space the
+            method clustered (0 on the border, 1 at a centre); ``umap-gmm``: the
+            posterior probability of the group; graph methods (``leiden``, ``merge``):
+            the share of the row's nearest neighbours in its group.
         distance: ``(N,)`` float32 Euclidean distance of the (L2-normalised) row to its
             group's centre.
         centres: ``(K, D)`` float32 mean of each group's (L2-normalised) rows.
@@ -149,7 +149,8 @@ def _prepare(x: np.ndarray, k: int, normalize: bool, method: str) -> np.ndarray:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise FinalClusteringError(f"{method}: K must be an integer >= 1, got {k!r}")
     if k > x.shape[0]:
-        raise FinalClusteringError(f"{method}: K={k} groups asked of only N={x.shape[0]} rows; ask for K <= {x.shape[0]}")
+        n = x.shape[0]
+        raise FinalClusteringError(f"{method}: K={k} groups asked of only N={n} rows; ask for K <= {n}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     bad = int((~np.isfinite(x)).any(1).sum())
     if bad:

@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="kmeans", help=METHODS_HELP)
     p.add_argument("--output", "-o", help="CSV file (default: RUN/eval/final-<method>-k<K>-<split>.csv)")
     p.add_argument("--split", choices=["train", "test"], default="train",
-                   help="images grouped: the data set's training split (default; for a folder without "
-                        "--test-root, the 80%% that `eval` does not hold out) or its test split")
+                   help="images grouped: the data set's training split (default; for a folder, the 80%% "
+                        "that `eval` does not hold out as its test part) or its test split")
     p.add_argument("--feature", help="default: what the run clustered (fc7, backbone or projection)")
     p.add_argument("--seed", type=int, default=0, help="the method's seed (default 0)")
     p.add_argument("--data-root", help="folder of the data set's files (default: the run's)")
@@ -81,7 +81,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    ctx = open_checkpoint(args.run, protocol="cluster", data_root=args.data_root, seed=args.seed, device=args.device,
+    # The evaluation seed stays 0 whatever --seed says: the cached features are then those of `eval clusters`.
+    ctx = open_checkpoint(args.run, protocol="cluster", data_root=args.data_root, device=args.device,
                           batch_size=args.batch_size, workers=args.workers, cache=args.cache)
     feature = ctx.encoder.feature(args.feature)
     x = np.asarray(ctx.store.get(args.split, [feature])[feature], dtype=np.float32)

@@ -2,8 +2,8 @@
 
 A run addresses images by their position in the folder's sorted file list; features,
 assignments and ``assignments.npy`` rows are data-set indices. A :class:`Manifest` records,
-for each row, the file's path relative to the folder, its size and its modification time
-(ns), so that a later run (a resume, an evaluation, ``assign``) can tell whether the
+for each row, the file's path relative to the folder, its size, its modification time
+(ns) and its inode number, so that a later run (a resume, an evaluation, ``assign``) can tell whether the
 folder still holds the same files in the same rows, and :func:`diff` / :meth:`ManifestDiff.remap`
 say where each old row went.
 
@@ -39,18 +39,24 @@ class Manifest:
         paths: ``N`` paths relative to the folder (``os.fsdecode`` form).
         sizes: ``(N,)`` int64 file sizes in bytes.
         mtimes_ns: ``(N,)`` int64 modification times in ns.
+        inodes: ``(N,)`` int64 inode numbers (``st_ino`` as int64 bits; ``0`` = unknown). A
+            rename keeps them; a copy to another disk does not (renames are then not
+            recognised, only unchanged paths).
     """
 
     paths: list[str]
     sizes: np.ndarray
     mtimes_ns: np.ndarray
+    inodes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.sizes = np.asarray(self.sizes, dtype=np.int64)
         self.mtimes_ns = np.asarray(self.mtimes_ns, dtype=np.int64)
-        if not len(self.paths) == len(self.sizes) == len(self.mtimes_ns):
-            raise ValueError(f"manifest columns differ in length: {len(self.paths)} paths, "
-                             f"{len(self.sizes)} sizes, {len(self.mtimes_ns)} mtimes")
+        self.inodes = np.zeros(len(self.paths), np.int64) if self.inodes is None else np.asarray(self.inodes,
+                                                                                                  dtype=np.int64)
+        if not len(self.paths) == len(self.sizes) == len(self.mtimes_ns) == len(self.inodes):
+            raise ValueError(f"manifest columns differ in length: {len(self.paths)} paths, {len(self.sizes)} "
+                             f"sizes, {len(self.mtimes_ns)} mtimes, {len(self.inodes)} inodes")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -71,15 +77,17 @@ class Manifest:
         root = source.root
         prefix = os.path.join(root, "")
         rel = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in source.paths]
-        sizes, mtimes = getattr(source, "sizes", None), getattr(source, "mtimes_ns", None)
-        if sizes is None or mtimes is None:
+        cols = [getattr(source, k, None) for k in ("sizes", "mtimes_ns", "inodes")]
+        if any(c is None for c in cols):
             stats = [os.stat(p) for p in source.paths]
-            sizes, mtimes = [s.st_size for s in stats], [s.st_mtime_ns for s in stats]
-        return cls(rel, sizes, mtimes)
+            cols = [[s.st_size for s in stats], [s.st_mtime_ns for s in stats],
+                    np.asarray([s.st_ino for s in stats], dtype=np.uint64).view(np.int64)]
+        return cls(rel, *cols)
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (``.npz``) atomically."""
-        write_columns(path, {"paths": self.paths}, {"sizes": self.sizes, "mtimes_ns": self.mtimes_ns})
+        write_columns(path, {"paths": self.paths},
+                      {"sizes": self.sizes, "mtimes_ns": self.mtimes_ns, "inodes": self.inodes})
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
@@ -93,7 +101,7 @@ class Manifest:
         except ColumnFileError as e:
             raise ManifestError(str(e)) from None
         try:
-            return cls(strings["paths"], ints["sizes"], ints["mtimes_ns"])
+            return cls(strings["paths"], ints["sizes"], ints["mtimes_ns"], ints["inodes"])
         except (KeyError, ValueError) as e:
             raise ManifestError(f"{path} is not a manifest ({type(e).__name__}: {e})") from None
 
@@ -108,8 +116,8 @@ class ManifestDiff:
         changed: ``(C, 2)`` ``(old row, new row)``: same path, different size or mtime.
         unchanged: ``(U, 2)`` ``(old row, new row)``: same path, size and mtime.
         renamed: ``(M, 2)`` ``(old row, new row)``: a removed and an added file with the
-            same size and mtime, the pair unique on both sides (ambiguous pairs stay
-            removed + added: a wrong match would be worse than none).
+            same size, mtime and inode, the pair unique on both sides (ambiguous pairs
+            stay removed + added: a wrong match would be worse than none).
         remap: ``(len(old),)`` int64: each old row's new row for unchanged and renamed
             files, ``-1`` for removed and changed ones (their content is not the same).
     """
@@ -136,11 +144,14 @@ def _pairs(rows: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _renames(old: Manifest, new: Manifest, removed: list[int], added: list[int]) -> list[tuple[int, int]]:
-    """Removed/added pairs with the same (size, mtime) and no other candidate on either side."""
-    def by_key(m: Manifest, rows: list[int]) -> dict[tuple[int, int], list[int]]:
-        out: dict[tuple[int, int], list[int]] = {}
+    """Removed/added pairs with the same (size, mtime, inode) and no other candidate on
+    either side. A ``mv`` keeps all three; a deleted file and a new one share them only if
+    the new one reuses the freed inode and is written with the same size in the same
+    clock tick."""
+    def by_key(m: Manifest, rows: list[int]) -> dict[tuple[int, int, int], list[int]]:
+        out: dict[tuple[int, int, int], list[int]] = {}
         for r in rows:
-            out.setdefault((int(m.sizes[r]), int(m.mtimes_ns[r])), []).append(r)
+            out.setdefault((int(m.sizes[r]), int(m.mtimes_ns[r]), int(m.inodes[r])), []).append(r)
         return out
 
     gone, came = by_key(old, removed), by_key(new, added)

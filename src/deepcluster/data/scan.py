@@ -112,6 +112,7 @@ class FoundFile:
         top: index of the top-level directory (in ``tops``) it was found under.
         size: bytes (``-1`` when it could not be stat'ed).
         mtime_ns: modification time in ns (``-1`` when it could not be stat'ed).
+        ino: inode number (``0`` when it could not be stat'ed); a rename keeps it.
         problem: ``None`` if it is a readable regular file, else why it cannot be an image.
     """
 
@@ -119,6 +120,7 @@ class FoundFile:
     top: int
     size: int
     mtime_ns: int
+    ino: int
     problem: str | None
 
 
@@ -133,20 +135,23 @@ class ImageWalk:
     unreadable_dirs: list[tuple[str, str]] = field(default_factory=list)  # (dir, reason)
 
 
-def _file_problem(entry: os.DirEntry) -> tuple[str | None, int, int]:
-    """``(problem or None, size, mtime_ns)`` of an image-named directory entry."""
+def _found(entry: os.DirEntry, top: int) -> FoundFile:
+    """The :class:`FoundFile` of an image-named directory entry, with its problem if any."""
     try:
         st = entry.stat()  # follows a link
     except OSError as e:
         if entry.is_symlink():
-            return ("symbolic link loop" if e.errno == errno.ELOOP else "dangling symbolic link"), -1, -1
-        return f"unreadable: {e.strerror}", -1, -1
+            problem = "symbolic link loop" if e.errno == errno.ELOOP else "dangling symbolic link"
+        else:
+            problem = f"unreadable: {e.strerror}"
+        return FoundFile(entry.path, top, -1, -1, 0, problem)
+    problem = None
     if not stat.S_ISREG(st.st_mode):
         kind = "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
-        return f"not a regular file ({kind})", st.st_size, st.st_mtime_ns
-    if not os.access(entry.path, os.R_OK):
-        return "unreadable: Permission denied", st.st_size, st.st_mtime_ns
-    return None, st.st_size, st.st_mtime_ns
+        problem = f"not a regular file ({kind})"
+    elif not os.access(entry.path, os.R_OK):
+        problem = "unreadable: Permission denied"
+    return FoundFile(entry.path, top, st.st_size, st.st_mtime_ns, st.st_ino, problem)
 
 
 def _list_dir(path: str, walk: ImageWalk) -> list[os.DirEntry] | None:
@@ -217,14 +222,17 @@ def walk_images(root: str | os.PathLike, tops: Sequence[str] | None = None,
 
 
 def _add_file(walk: ImageWalk, seen: dict[str, str], entry: os.DirEntry, real_dir: str, top: int) -> None:
-    """Append ``entry`` to ``walk.files`` unless its real path was listed already."""
-    real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_dir, entry.name)
+    """Append ``entry`` to ``walk.files`` unless its real path was listed already (a link
+    is identified by its target when that exists, else by itself: two dangling links are
+    two entries)."""
+    real = os.path.join(real_dir, entry.name)
+    if entry.is_symlink() and os.path.exists(entry.path):
+        real = os.path.realpath(entry.path)
     if real in seen:
         walk.duplicates.append((entry.path, seen[real]))
         return
     seen[real] = entry.path
-    problem, size, mtime_ns = _file_problem(entry)
-    walk.files.append(FoundFile(entry.path, top, size, mtime_ns, problem))
+    walk.files.append(_found(entry, top))
 
 
 def list_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:

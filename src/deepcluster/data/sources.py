@@ -394,8 +394,8 @@ class FolderSource(ImageSource):
     Attributes:
         root: the folder as given; ``paths`` start with it.
         paths: the ``N`` images, in row order (``os.fsdecode`` form, as ``open`` takes them).
-        sizes, mtimes_ns: ``(N,)`` int64 size and modification time each had at the scan
-            (what :meth:`Manifest.from_source <deepcluster.data.manifest.Manifest.from_source>` records).
+        sizes, mtimes_ns, inodes: ``(N,)`` int64 size, modification time and inode
+            number each had at the scan (what :meth:`Manifest.from_source <deepcluster.data.manifest.Manifest.from_source>` records).
     """
 
     def __init__(self, root: str, max_bad_fraction: float = 0.5, check: bool = True) -> None:
@@ -423,6 +423,7 @@ class FolderSource(ImageSource):
         self.paths = [f.path for f in files]
         self.sizes = np.asarray([f.size for f in files], dtype=np.int64)
         self.mtimes_ns = np.asarray([f.mtime_ns for f in files], dtype=np.int64)
+        self.inodes = np.asarray([f.ino for f in files], dtype=np.uint64).view(np.int64)
         labels = np.asarray([f.top if self.classes is not None else -1 for f in files], dtype=np.int64)
         self.labels = labels if (labels >= 0).all() else None
 

@@ -40,6 +40,12 @@ def png(path: str | bytes, ident: int, size: tuple[int, int] = (6, 5)) -> None:
         Image.new("RGB", size, (ident % 256, ident // 256, 7)).save(f, format="PNG")
 
 
+def write_bad_name(folder: Path, data: bytes) -> None:
+    """``data`` in ``folder/bad\xff\xfename.png`` (a name that is not UTF-8)."""
+    with open(os.path.join(os.fsencode(folder), BAD), "wb") as f:
+        f.write(data)
+
+
 def ident_of(img: Image.Image) -> int:
     r, g, _ = np.asarray(img.convert("RGB"))[0, 0]
     return int(r) + 256 * int(g)
@@ -214,8 +220,7 @@ def test_a_non_utf8_unreadable_file_is_skipped_and_written_without_an_encoding_e
     folder.mkdir()
     png(folder / "ok.png", 1)
     png(os.path.join(os.fsencode(folder), b"good\xe9.png"), 2)
-    with open(os.path.join(os.fsencode(folder), BAD), "wb") as f:
-        f.write(b"not a png")
+    write_bad_name(folder, b"not a png")
     src = scan(folder)
     assert [ident_of(src.load(i)) for i in range(len(src))] == [2, 1]  # "good\xe9" sorts before "ok"
     assert src.skipped == [(f"{folder}/bad\\xff\\xfename.png", "UnidentifiedImageError: cannot identify image file")]
@@ -231,14 +236,13 @@ def test_training_on_a_folder_with_every_hazard_completes(tmp_path):
     """The real CLI over dangling and looping links, a FIFO and a non-UTF-8 broken file."""
     folder = tmp_path / "imgs"
     folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    noise = np.random.default_rng(0).integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
+    for i, arr in enumerate(noise):
+        Image.fromarray(arr).save(folder / f"{i:02d}.png")
     os.symlink("nothere.png", folder / "dangling.png")
     os.symlink(".", folder / "loop")
     os.mkfifo(folder / "pipe.png")
-    with open(os.path.join(os.fsencode(folder), BAD), "wb") as f:
-        f.write(b"junk")
+    write_bad_name(folder, b"junk")
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     p = subprocess.run([sys.executable, "-m", "deepcluster", "train", "--data", "folder", "--data-root", str(folder),

@@ -271,7 +271,8 @@ class _ScanMemo:
             logger.debug("no usable folder scan memo in %s: %s", self.path, e)
 
     def _rel(self, path: str) -> str:
-        return os.path.relpath(path, self.base)
+        prefix = os.path.join(self.base, "")
+        return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.base)
 
     def get(self, f: FoundFile) -> object:
         """The reason ``f`` is unusable, ``None`` if usable, ``_UNKNOWN`` if not known

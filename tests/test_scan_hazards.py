@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,27 @@ def test_a_link_outside_is_followed_once_and_a_file_reached_twice_is_listed_once
     assert names == ["k_alias.png", "a_link/o.png"]
     assert [os.path.relpath(p, root) for p, _ in walk.duplicates] == ["m.png"]
     assert [os.path.relpath(d, root) for d, _ in walk.not_entered] == ["z_link"]
+
+
+def test_a_bind_mount_that_loops_back_is_not_entered(tmp_path):
+    """A mount point is crossed; a bind mount of the folder inside itself (no link in
+    sight: same st_dev and st_ino) is a loop all the same. Needs a user + mount namespace."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user + mount namespace here")
+    png(tmp_path / "a.png", 1)
+    (tmp_path / "sub" / "mnt").mkdir(parents=True)
+    png(tmp_path / "sub" / "b.png", 2)
+    scan_py = Path(__file__).resolve().parents[1] / "src" / "deepcluster" / "data" / "scan.py"
+    code = ("import importlib.util as u, json, sys; s = u.spec_from_file_location('scan', sys.argv[2]); "
+            "m = sys.modules['scan'] = u.module_from_spec(s); s.loader.exec_module(m); w = m.walk_images(sys.argv[1]); "
+            "print(json.dumps([[f.path for f in w.files], w.not_entered]))")  # scan.py alone: no torch import
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$1/sub/mnt" && exec "$2" -c "$3" "$1" "$4"',
+                        "sh", str(tmp_path), sys.executable, code, str(scan_py)], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    files, not_entered = json.loads(p.stdout)
+    assert files == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.png")]
+    assert [d for d, _ in not_entered] == [str(tmp_path / "sub" / "mnt")]
 
 
 def test_image_folder_loop_link_is_not_a_class(tmp_path):

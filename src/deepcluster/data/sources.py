@@ -396,7 +396,8 @@ class FolderSource(ImageSource):
         root: the folder as given; ``paths`` start with it.
         paths: the ``N`` images, in row order (``os.fsdecode`` form, as ``open`` takes them).
         sizes, mtimes_ns, inodes: ``(N,)`` int64 size, modification time and inode
-            number each had at the scan (what :meth:`Manifest.from_source <deepcluster.data.manifest.Manifest.from_source>` records).
+            number each had at the scan (what
+            :meth:`deepcluster.data.manifest.Manifest.from_source` records).
     """
 
     def __init__(self, root: str, max_bad_fraction: float = 0.5, check: bool = True) -> None:

@@ -37,6 +37,7 @@ from .clustering import PCAWhitening
 from .checkpoint import saved_config
 from .data import DataError, IndexedDataset, cluster_transform, image_spec
 from .data.files import FileImages, read_image
+from .data.scan import display_path, list_images
 from .features import iter_features, make_loader
 from .data.sources import IMAGE_EXTENSIONS
 from .models import DeepClusterNet
@@ -315,7 +316,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
 
     columns: dict[str, Any] = {"index": run.dataset_indices()}
     if run.source.paths is not None:
-        columns["path"] = list(run.source.paths)
+        columns["path"] = [display_path(p) for p in run.source.paths]  # non-UTF-8 bytes as \xNN (docs/REPORT.md)
     if run.labels is not None:
         columns["label"] = np.asarray(run.labels, dtype=np.int64)
     columns["cluster"] = clusters
@@ -355,22 +356,27 @@ class AssignResult:
 
     def columns(self) -> dict[str, Any]:
         bad = dict(self.unreadable)
-        cols: dict[str, Any] = {"path": self.paths, "cluster": self.clusters, "distance": self.distances,
-                                "error": [bad.get(p, "") for p in self.paths]}
+        cols: dict[str, Any] = {"path": [display_path(p) for p in self.paths], "cluster": self.clusters,
+                                "distance": self.distances, "error": [bad.get(p, "") for p in self.paths]}
         if self.features is not None:
             cols["feature"] = self.features
         return cols
 
 
-def find_images(root: str | Path) -> list[str]:
-    """Image files (by extension) under ``root`` (recursive, sorted), or ``root`` itself."""
+def find_images(root: str | Path, problems: list[tuple[str, str]] | None = None) -> list[str]:
+    """Image files (by extension) under ``root``, or ``root`` itself, listed by the same
+    walker as a training folder (:func:`~deepcluster.data.scan.list_images`: links
+    followed once, loops cut). Entries that cannot be read (dangling links, ...) are
+    appended to ``problems`` as ``(display path, reason)``."""
     root = Path(root)
     if root.is_file():
         return [str(root)]
     if not root.is_dir():
         raise DataError(f"--images {root} does not exist; pass a folder of images (or one image file)")
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
+    files, bad = list_images(str(root))
+    if problems is not None:
+        problems += bad
+    if not files and not bad:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
 
@@ -394,20 +400,21 @@ def assign_images(checkpoint: str | Path, images: str | Path, features: str | No
     data = saved_config(state, str(checkpoint)).data if state.get("config") else None
     spec = image_spec(data.name if data else "folder", state.get("meta", {}).get("image_size")
                       or (data.image_size if data else None))
-    paths = find_images(images)
+    listing_problems: list[tuple[str, str]] = []
+    paths = find_images(images, listing_problems)
     n = len(paths)
     files = FileImages(paths, cluster_transform(spec), (3, spec.size, spec.size))
     reasons: list[str] = [""] * n
     clusters, dists, feats = assigner.assign_all(make_loader(files, batch_size, 0), n, features, reasons)
-    unreadable = [(p, r) for p, r in zip(paths, reasons) if r]
-    bad = np.array([bool(r) for r in reasons])
+    unreadable = [(p, r) for p, r in zip(paths, reasons) if r] + listing_problems
+    bad = np.array([bool(r) for r in reasons], dtype=bool)
     clusters[bad], dists[bad] = -1, np.nan
     if feats is not None:
         feats[bad] = 0
     if unreadable:
         logger.warning("%d of %d images could not be read (listed with cluster -1); first: %s (%s)",
                        len(unreadable), n, *unreadable[0])
-    if len(unreadable) == n:
+    if n == 0 or len(unreadable) == n + len(listing_problems):
         raise DataError(f"none of the {n} images under {images} could be read; first: {unreadable[0][0]} "
                         f"({unreadable[0][1]})")
     return AssignResult(paths, clusters, dists, unreadable, feats)

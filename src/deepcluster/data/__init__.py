@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from .manifest import Manifest, ManifestDiff, ManifestError, diff
 from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
+from .scan import display_path, list_images, parse_display_path, walk_images
 from .sources import DataError, FolderSource, ImageSource, TorchvisionSource, cifar10, mnist_like, stl10
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageSpec, MultiView, cluster_transform, train_transform,
                          train_transform_from)
@@ -159,7 +161,8 @@ class Subset(ImageSource):
 
 __all__ = [
     "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
-    "IndexedDataset", "LabelledDataset", "MultiView", "Subset", "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD",
-    "balanced_plan", "build_source", "cluster_transform", "folder_image_size", "image_spec", "inverse_size_weights", "subset_indices",
-    "train_transform", "train_transform_from", "training_source",
+    "IndexedDataset", "LabelledDataset", "Manifest", "ManifestDiff", "ManifestError", "MultiView", "Subset",
+    "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD", "balanced_plan", "build_source", "cluster_transform", "diff",
+    "display_path", "folder_image_size", "image_spec", "inverse_size_weights", "list_images", "parse_display_path", "subset_indices",
+    "train_transform", "train_transform_from", "training_source", "walk_images",
 ]

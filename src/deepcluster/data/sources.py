@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -21,10 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .columns import ColumnFileError, read_columns, write_columns
+from .scan import IMAGE_EXTENSIONS, FoundFile, display_path, walk_images
+
 logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -48,7 +49,8 @@ class ImageSource:
         raise NotImplementedError
 
     def describe(self, index: int) -> str:
-        return self.paths[index] if self.paths else f"{self.name}[{index}]"
+        """Image ``index`` as text: its path in :func:`~deepcluster.data.scan.display_path` form."""
+        return display_path(self.paths[index]) if self.paths else f"{self.name}[{index}]"
 
 
 class TorchvisionSource(ImageSource):
@@ -205,7 +207,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _check_image(path: str) -> str | None:
-    """Decode ``path`` fully; ``None`` if usable, else the reason.
+    """Decode ``path`` fully; ``None`` if usable, else the reason: a non-empty string,
+    safe to write as text (:func:`~deepcluster.data.scan.display_path`: a decoder's
+    message quoting a name that is not UTF-8 is escaped like the name).
 
     Images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (89.5 M pixels by default) are
     refused as decompression bombs before any pixel is decoded.
@@ -219,64 +223,79 @@ def _check_image(path: str) -> str | None:
             img.load()
             to_rgb(img)
     except Exception as e:  # noqa: BLE001 - every decoder failure is a reason to skip
-        return f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+        return _reason(e, path)
     return None
+
+
+def _reason(e: Exception, path: str) -> str:
+    """``"ExceptionType: first line of the message"``, without the file's own name (it is
+    the skip list's first column, and a decoder quotes it with ``repr``, which would
+    spell a non-UTF-8 name as ``\\udcff``); text-safe (:func:`display_path`)."""
+    msg = str(e).replace(repr(path), "").replace(path, "").strip().rstrip(":").strip()
+    msg = msg.splitlines()[0] if msg else ""
+    return display_path(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
+
+
+_UNKNOWN = object()  # _ScanMemo.get: not in the memo (private: never a reason, never leaks out)
 
 
 class _ScanMemo:
     """What the last scan of a folder found, per file: readable, or why not.
 
-    Kept in ``$DEEPCLUSTER_CACHE/folder-scans/`` (one JSON file per folder, written
-    atomically) and trusted for a file only while its size and modification time are
-    unchanged, so a resumed run, an evaluation or a report over the same folder does not
-    decode every image again. Best effort: an unwritable cache only costs the rescan.
+    Kept in ``$DEEPCLUSTER_CACHE/folder-scans/<hash of the real folder>.npz`` (the column
+    format of :mod:`deepcluster.data.columns`: paths as one NUL-separated blob, sizes and
+    times as int64, reasons as a blob with ``""`` for readable; ~6 MB per million files,
+    written atomically) and trusted for a file only while its size and modification time
+    are unchanged, so a resumed run, an evaluation or a report over the same folder does
+    not decode every image again. Best effort: an unwritable or unreadable cache only
+    costs the rescan. The JSON memo of earlier releases is removed (a debug line).
     """
 
     def __init__(self, root: Path) -> None:
         self.base = str(root)  # file paths are under the folder as given; the memo is per real folder
         self.root = str(root.resolve())
-        self.path = _cache_dir() / "folder-scans" / (hashlib.sha1(self.root.encode()).hexdigest()[:16] + ".json")
-        self.entries: dict[str, list] = {}
-        self.stats: dict[str, tuple[int, int] | None] = {}
+        key = hashlib.sha1(self.root.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        self.path = _cache_dir() / "folder-scans" / (key + ".npz")
+        self.entries: dict[str, tuple[int, int, str | None]] = {}
+        old_json = self.path.with_suffix(".json")
+        if old_json.exists():
+            logger.debug("discarding the JSON folder scan memo of an earlier release: %s", old_json)
+            old_json.unlink(missing_ok=True)
         try:
-            data = json.loads(self.path.read_text())
-            if data.get("root") == self.root:
-                self.entries = data.get("entries", {})
-        except (OSError, ValueError, AttributeError):
-            pass
+            strings, ints = read_columns(self.path)
+            if strings["root"] == [self.root]:
+                self.entries = {rel: (int(size), int(mtime), reason or None) for rel, size, mtime, reason in
+                                zip(strings["paths"], ints["sizes"].tolist(), ints["mtimes_ns"].tolist(),
+                                    strings["reasons"], strict=True)}
+        except (ColumnFileError, KeyError, ValueError) as e:
+            logger.debug("no usable folder scan memo in %s: %s", self.path, e)
 
-    def _stat(self, path: str) -> tuple[int, int] | None:
-        if path not in self.stats:
-            try:
-                st = os.stat(path)
-                self.stats[path] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                self.stats[path] = None
-        return self.stats[path]
+    def _rel(self, path: str) -> str:
+        prefix = os.path.join(self.base, "")
+        return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.base)
 
-    def get(self, path: str) -> str | None | bool:
-        """The reason ``path`` is unusable, ``None`` if usable, ``False`` if not known."""
-        e = self.entries.get(os.path.relpath(path, self.base))
-        st = self._stat(path)
-        if e is None or st is None or (e[0], e[1]) != st:
-            return False
+    def get(self, f: FoundFile) -> object:
+        """The reason ``f`` is unusable, ``None`` if usable, ``_UNKNOWN`` if not known
+        (not in the memo, or its size or modification time differ)."""
+        e = self.entries.get(self._rel(f.path))
+        if e is None or (e[0], e[1]) != (f.size, f.mtime_ns):
+            return _UNKNOWN
         return e[2]
 
     def update(self, results) -> None:
-        for path, reason in results:
-            st = self._stat(path)
-            if st is not None:
-                self.entries[os.path.relpath(path, self.base)] = [st[0], st[1], reason]
+        """Remember ``(FoundFile, reason)`` pairs (decoded now)."""
+        for f, reason in results:
+            self.entries[self._rel(f.path)] = (f.size, f.mtime_ns, reason)
 
-    def save(self, paths: Sequence[str]) -> None:
-        """Write the entries of ``paths`` (the folder's files now; deleted ones are dropped)."""
-        from ..io import atomic_write
-
-        keep = {rel: self.entries[rel] for rel in (os.path.relpath(p, self.base) for p in paths) if rel in self.entries}
-        text = json.dumps({"root": self.root, "entries": keep})
+    def save(self, files: Sequence[FoundFile]) -> None:
+        """Write the entries of ``files`` (the folder's files now; deleted ones are dropped)."""
+        rels = [r for r in (self._rel(f.path) for f in files) if r in self.entries]
+        rows = [self.entries[r] for r in rels]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, lambda f: f.write(text.encode()))
+            write_columns(self.path, {"root": [self.root], "paths": rels, "reasons": [r[2] or "" for r in rows]},
+                          {"sizes": np.asarray([r[0] for r in rows], dtype=np.int64),
+                           "mtimes_ns": np.asarray([r[1] for r in rows], dtype=np.int64)})
         except OSError as e:
             logger.debug("could not keep the folder scan in %s: %s", self.path, e)
 
@@ -285,88 +304,129 @@ def _scan_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
+def _class_folders(rootp: Path) -> list[str]:
+    """The ImageFolder classes of ``rootp`` (torchvision's ``find_classes``), less those
+    that are links back to ``rootp`` or to a class already listed (a loop, a second
+    name): they would be empty classes, each shifting the labels after it."""
+    from torchvision.datasets.folder import find_classes
+
+    classes, _ = find_classes(str(rootp))
+    st = rootp.stat()
+    seen, keep = {(st.st_dev, st.st_ino)}, []
+    for c in classes:
+        try:
+            st = (rootp / c).stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            logger.info("class folder %s is a link to the folder or to another class; not a class",
+                        display_path(str(rootp / c)))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        keep.append(c)
+    return keep
+
+
+def _walk_folder(rootp: Path) -> tuple[list[FoundFile], list[str] | None, int]:
+    """``(files, classes or None, ignored)``: the image files of an ImageFolder tree (class
+    sub-folders, no images at the top) or of a flat/recursive folder, loop-safe
+    (:func:`~deepcluster.data.scan.walk_images`); ``FoundFile.top`` is the class index."""
+    top_images = [p for p in rootp.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    subdirs = [p for p in rootp.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    classes = _class_folders(rootp) if subdirs and not top_images else None
+    walk = walk_images(str(rootp), tops=classes)
+    if walk.ignored:
+        logger.info("ignored %d files under %s without an image extension (%s)", walk.ignored,
+                    display_path(str(rootp)), " ".join(IMAGE_EXTENSIONS))
+    if walk.not_entered:
+        logger.info("did not enter %d directories under %s walked already (link loops, second links); first: %s",
+                    len(walk.not_entered), display_path(str(rootp)), display_path(walk.not_entered[0][0]))
+    if walk.duplicates:
+        logger.info("listed %d files reached twice through links once; first: %s (kept %s)", len(walk.duplicates),
+                    *(display_path(p) for p in walk.duplicates[0]))
+    for d, reason in walk.unreadable_dirs:
+        logger.warning("cannot list %s (%s); its images are not used", display_path(d), reason)
+    return walk.files, classes, walk.ignored
+
+
+def _decode_reasons(rootp: Path, files: list[FoundFile]) -> list[str | None]:
+    """For each file, why it cannot be used (a string) or ``None``: the walk's reason
+    (dangling link, FIFO, no permission), else the memo's, else a full decode now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    memo = _ScanMemo(rootp)
+    reasons = [f.problem if f.problem is not None else memo.get(f) for f in files]
+    todo = [i for i, r in enumerate(reasons) if r is _UNKNOWN]
+    # Over-size images are refused explicitly in _check_image; the filter (global to
+    # the process, so set once here, not per thread) only keeps PIL's warning quiet.
+    with warnings.catch_warnings(), ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        decoded = list(pool.map(_check_image, [files[i].path for i in todo]))
+    for i, r in zip(todo, decoded):
+        reasons[i] = r
+    memo.update((files[i], r) for i, r in zip(todo, decoded))
+    readable = [f for f in files if f.problem is None]
+    if len(todo) < len(readable):
+        logger.info("scan of %s: %d of %d images unchanged since the last scan, not decoded again (%s)",
+                    display_path(str(rootp)), len(readable) - len(todo), len(readable), memo.path)
+    memo.save(readable)
+    return reasons
+
+
 class FolderSource(ImageSource):
     """Images under a folder: an ImageFolder tree (class sub-folders give labels, used
     only for analysis) or a flat/recursive folder of unlabelled images.
 
     Files are chosen by extension (``IMAGE_EXTENSIONS``, any case; other files are
-    ignored and counted in ``ignored``); the content decides the decoder, so a PNG named
-    ``.jpg`` is read. Every image is decoded once when the source is built (in threads;
-    files unchanged since the last scan of the folder are not decoded again, see
-    :class:`_ScanMemo`);
-    files that fail (truncated, empty, not an image, decompression bombs) are skipped,
-    counted and listed in ``skipped`` as ``(path, reason)``; the training loop writes
-    them to ``skipped_images.txt`` in the run directory. More than ``max_bad_fraction``
-    failing is an error. Odd modes (16-bit, CMYK, transparency) follow :func:`to_rgb`.
+    ignored and counted in ``ignored``) and listed by :func:`~deepcluster.data.scan.walk_images`
+    (links followed, loops and second links to a directory not entered, a file reached
+    twice listed once; docs/RELIABILITY.md "File-system hazards"); the content decides
+    the decoder, so a PNG named ``.jpg`` is read. Every image is decoded once when the
+    source is built (in threads; files unchanged since the last scan of the folder are
+    not decoded again, see :class:`_ScanMemo`). Files that cannot be used (dangling or
+    looping links, FIFOs, no permission, truncated, empty, not an image, decompression
+    bombs) are skipped, counted and listed in ``skipped`` as ``(display path, reason)``,
+    both strings safe to write as text (:func:`~deepcluster.data.scan.display_path`:
+    a name that is not UTF-8 is escaped; ``parse_display_path`` gives the name back);
+    the training loop writes them to ``skipped_images.txt``. More than
+    ``max_bad_fraction`` failing is an error. Odd modes (16-bit, CMYK, transparency)
+    follow :func:`to_rgb`.
+
+    Attributes:
+        root: the folder as given; ``paths`` start with it.
+        paths: the ``N`` images, in row order (``os.fsdecode`` form, as ``open`` takes them).
+        sizes, mtimes_ns, inodes: ``(N,)`` int64 size, modification time and inode
+            number each had at the scan (what
+            :meth:`deepcluster.data.manifest.Manifest.from_source` records).
     """
 
     def __init__(self, root: str, max_bad_fraction: float = 0.5, check: bool = True) -> None:
-        from torchvision.datasets.folder import find_classes
-
         self.name = "folder"
         rootp = Path(root)
         if not rootp.is_dir():
-            raise DataError(f"image folder {root} does not exist or is not a directory; pass --data-root DIR")
-        top_images = [p for p in rootp.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        subdirs = [p for p in rootp.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        files: list[tuple[str, int]] = []
-        self.ignored = 0
-        if subdirs and not top_images:
-            classes, class_to_idx = find_classes(str(rootp))
-            for c in classes:
-                for dirpath, _, names in sorted(os.walk(rootp / c, followlinks=True)):
-                    for fn in sorted(names):
-                        if fn.lower().endswith(IMAGE_EXTENSIONS):
-                            files.append((os.path.join(dirpath, fn), class_to_idx[c]))
-                        else:
-                            self.ignored += 1
-            self.classes = classes
-        else:
-            for dirpath, dirnames, names in sorted(os.walk(rootp, followlinks=True)):
-                dirnames.sort()
-                for fn in sorted(names):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS):
-                        files.append((os.path.join(dirpath, fn), -1))
-                    else:
-                        self.ignored += 1
-        if self.ignored:
-            logger.info("ignored %d files under %s without an image extension (%s)", self.ignored, root,
-                        " ".join(IMAGE_EXTENSIONS))
+            raise DataError(f"image folder {display_path(str(root))} does not exist or is not a directory; "
+                            "pass --data-root DIR")
+        self.root = str(rootp)
+        files, self.classes, self.ignored = _walk_folder(rootp)
         if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        self.skipped: list[tuple[str, str]] = []
-        if check:
-            from concurrent.futures import ThreadPoolExecutor
-
-            good = []
-            # Over-size images are refused explicitly in _check_image; the filter (global to
-            # the process, so set once here, not per thread) only keeps PIL's warning quiet.
-            memo = _ScanMemo(rootp)
-            todo = [p for p, _ in files if memo.get(p) is False]
-            with warnings.catch_warnings(), ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                memo.update(zip(todo, pool.map(_check_image, todo)))
-            reasons = [memo.get(p) for p, _ in files]
-            if len(todo) < len(files):
-                logger.info("scan of %s: %d of %d images unchanged since the last scan, not decoded again (%s)",
-                            root, len(files) - len(todo), len(files), memo.path)
-            memo.save([p for p, _ in files])
-            for (path, label), reason in zip(files, reasons):
-                if reason is None:
-                    good.append((path, label))
-                else:
-                    self.skipped.append((path, reason))
-            if self.skipped:
-                logger.warning("skipped %d of %d unreadable images under %s (first: %s — %s)",
-                               len(self.skipped), len(files), root, *self.skipped[0])
-            if len(self.skipped) > max_bad_fraction * len(files):
-                raise DataError(
-                    f"{len(self.skipped)} of {len(files)} images under {root} are unreadable "
-                    f"(more than {max_bad_fraction:.0%}); first: {self.skipped[0][0]} ({self.skipped[0][1]})"
-                )
-            files = good
-        self.paths = [p for p, _ in files]
-        labels = np.asarray([lab for _, lab in files], dtype=np.int64)
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {display_path(str(root))}")
+        reasons = _decode_reasons(rootp, files) if check else [f.problem for f in files]
+        self.skipped: list[tuple[str, str]] = [(display_path(f.path), r) for f, r in zip(files, reasons)
+                                               if r is not None]
+        if self.skipped:
+            logger.warning("skipped %d of %d unreadable images under %s (first: %s — %s)",
+                           len(self.skipped), len(files), display_path(str(root)), *self.skipped[0])
+        if check and len(self.skipped) > max_bad_fraction * len(files):
+            raise DataError(
+                f"{len(self.skipped)} of {len(files)} images under {display_path(str(root))} are unreadable "
+                f"(more than {max_bad_fraction:.0%}); first: {self.skipped[0][0]} ({self.skipped[0][1]})"
+            )
+        files = [f for f, r in zip(files, reasons) if r is None]
+        self.paths = [f.path for f in files]
+        self.sizes = np.asarray([f.size for f in files], dtype=np.int64)
+        self.mtimes_ns = np.asarray([f.mtime_ns for f in files], dtype=np.int64)
+        self.inodes = np.asarray([f.ino for f in files], dtype=np.uint64).view(np.int64)
+        labels = np.asarray([f.top if self.classes is not None else -1 for f in files], dtype=np.int64)
         self.labels = labels if (labels >= 0).all() else None
 
     def __len__(self) -> int:
@@ -378,4 +438,5 @@ class FolderSource(ImageSource):
             with Image.open(path) as img:
                 return to_rgb(img)
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); it changed since the scan") from None
+            raise DataError(display_path(f"cannot read image {path} ({type(e).__name__}: {e}); "
+                                         "it changed since the scan")) from None

@@ -205,7 +205,7 @@ def test_an_unreadable_file_and_directory(tmp_path):
 def test_dangling_link_is_skipped_with_a_string_reason_and_written_by_the_trainer(tmp_path):
     """Defect 1: the memo's "unknown" (``False``) was the reason; the trainer then failed
     with ``'bool' object has no attribute 'replace'`` writing ``skipped_images.txt``."""
-    from deepcluster.train import RunDir
+    from deepcluster.rundir import RunDir
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -238,7 +238,7 @@ def test_a_symlink_loop_lists_each_image_once(tmp_path):
 @pytest.mark.reliability
 def test_a_non_utf8_unreadable_file_is_skipped_and_written_without_an_encoding_error(tmp_path):
     """Defect 3: a name that is not UTF-8 cannot be written as UTF-8 text."""
-    from deepcluster.train import RunDir
+    from deepcluster.rundir import RunDir
 
     folder = tmp_path / "imgs"
     folder.mkdir()

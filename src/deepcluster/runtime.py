@@ -6,6 +6,7 @@ evaluations and the export share (one definition of "bf16 where native", one aut
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from .distributed import is_main_process
+
+logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,11 +85,12 @@ def per_rank_batch_size(batch_size: int, world: int, warn: Callable[[str], None]
     """Images per rank and step for a *global* batch of ``batch_size``.
 
     A global batch that the world size does not divide is rounded up to the next
-    multiple (``warn`` is told): e.g. 250 on 3 ranks gives 84 per rank, 252 per step.
+    multiple (``warn`` is told, by default the log): e.g. 250 on 3 ranks gives 84 per
+    rank, 252 per step.
     """
     per = -(-batch_size // world)
-    if per * world != batch_size and is_main_process() and warn is not None:
-        warn(f"batch size {batch_size} is not a multiple of the world size {world}: using {per} per rank "
+    if per * world != batch_size and is_main_process():
+        (warn or logger.warning)(f"batch size {batch_size} is not a multiple of the world size {world}: using {per} per rank "
              f"({per * world} per step)")
     return per
 

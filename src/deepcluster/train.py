@@ -112,7 +112,7 @@ def run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     # 6. One epoch on the pseudo-labels, sampled uniformly over clusters (the balance seam).
     sampler = balanced_sampler(cfg.optim.balance, clusters.assignments, epoch_seed(seed, epoch, 4), rank(),
                                world_size())
-    loader = make_loader(s.train_ds, per_rank_batch_size(cfg.optim.batch_size, world_size(), logger.warning),
+    loader = make_loader(s.train_ds, per_rank_batch_size(cfg.optim.batch_size, world_size()),
                          cfg.run.workers, sampler=sampler, seed=epoch_seed(seed, epoch, 5) + rank())
     net = heads.net
     if is_distributed():  # re-wrapped every epoch: the head is a new layer

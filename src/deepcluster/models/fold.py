@@ -16,8 +16,8 @@ padding ``p``). All three are linear, so two folds are possible:
    before conv1; the folded convolution instead reads Sobel values computed on the
    zero-padded image, which at the one-pixel ring just outside the image are not zero
    (the Sobel filter there still sees the first row/column of pixels). For ``p >= 1``
-   every output whose window touches that ring differs: the outer ``ceil(p / s)`` rows
-   and columns of conv1's output (:func:`border_width`), by up to 0.4-1.2 on random
+   every output whose window touches that ring differs: conv1's outer rows and columns
+   (:func:`border_mask`; 1 or 2 of them for our models), by up to 0.4-1.2 on random
    normal images where conv1's outputs reach 2-3 (measured in ``docs/EXPORT.md``). No single zero-padded convolution can be exact: its kernel is
    fixed by the interior, and that kernel gives the border values above. An exact
    border correction exists (subtract conv1 applied to the Sobel ring alone) but needs
@@ -86,11 +86,17 @@ def fold_conv(first: nn.Conv2d, conv: nn.Conv2d) -> nn.Conv2d:
     return _copy_conv(conv, weight, first.in_channels, tuple(weight.shape[-2:]), padding)
 
 
-def border_width(conv: nn.Conv2d) -> tuple[int, int]:
-    """Rows and columns at each edge of ``conv``'s output where :func:`fold_conv` of a
-    padding-1 first layer differs from the original: ``ceil(p / s)`` per axis (the outputs
-    whose window starts at or before the ring just outside the image)."""
-    return tuple(-(-p // s) for p, s in zip(conv.padding, conv.stride))  # type: ignore[return-value]
+def border_mask(conv: nn.Conv2d, height: int, width: int) -> torch.Tensor:
+    """Where :func:`fold_conv` of a padding-1 first layer into ``conv`` differs from the
+    original, for ``(height, width)`` inputs: a ``(H_out, W_out)`` bool mask of the outputs
+    whose window covers the ring just outside the image."""
+    (ph, pw), (kh, kw) = conv.padding, conv.kernel_size
+    ring = torch.zeros(1, 1, height + 2 * ph, width + 2 * pw)  # conv's padded input
+    if ph >= 1:
+        ring[..., [ph - 1, ph + height], pw - 1 if pw else 0:pw + width + 1] = 1
+    if pw >= 1:
+        ring[..., ph - 1 if ph else 0:ph + height + 1, [pw - 1, pw + width]] = 1
+    return F.conv2d(ring, torch.ones(1, 1, kh, kw), stride=conv.stride)[0, 0] > 0
 
 
 def _copy_conv(conv: nn.Conv2d, weight: torch.Tensor, in_channels: int, kernel: tuple[int, ...],

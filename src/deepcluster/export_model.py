@@ -183,7 +183,10 @@ class _Features(nn.Module):
 
 def _serialise(backbone: standalone.Backbone, meta: dict[str, Any], metadata: dict[str, str], fmt: str) -> bytes:
     if fmt == "safetensors":
-        from safetensors.torch import save
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            raise ExportError("--format safetensors needs the safetensors package: pip install safetensors") from None
 
         return save(dict(backbone.state_dict()), metadata=metadata)
     example = torch.randn(2, 3, meta["image_size"], meta["image_size"])

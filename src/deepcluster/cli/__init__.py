@@ -18,7 +18,7 @@ from ..config import ConfigError
 logger = logging.getLogger("deepcluster")
 
 # Subcommand modules, in help order; a module not (yet) present is simply not offered.
-COMMANDS = ["train", "eval", "report", "viz", "export", "assign"]
+COMMANDS = ["train", "eval", "report", "viz", "export", "assign", "export_model"]
 
 
 def build_parser() -> argparse.ArgumentParser:

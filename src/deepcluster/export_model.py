@@ -95,8 +95,8 @@ def _vgg_fc6(weight: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     if h > 7 or w > 7:
         raise ExportError(f"vgg16 features of {h}x{w} (image_size > 224) do not survive torchvision's 7x7 "
                           "average pool; export a model trained at 224 px or less")
-    expanded = weight.double().reshape(weight.shape[0], c, h * w) @ torch.linalg.pinv(_pool7_matrix(h, w))
-    return expanded.reshape(weight.shape[0], c * 49).to(weight.dtype)  # (O, C*49)
+    expanded = weight.reshape(weight.shape[0], c, h * w) @ torch.linalg.pinv(_pool7_matrix(h, w)).to(weight.dtype)
+    return expanded.reshape(weight.shape[0], c * 49)  # (O, C*49)
 
 
 def _pool7_matrix(h: int, w: int) -> torch.Tensor:
@@ -141,8 +141,9 @@ def backbone_state_dict(model: DeepClusterNet, meta: dict[str, Any]) -> dict[str
 def to_backbone(model: DeepClusterNet, state: dict[str, Any]) -> tuple[standalone.Backbone, dict[str, Any]]:
     """The :class:`deepcluster.standalone.Backbone` (eval mode, CPU) of a trained model and its meta."""
     meta = backbone_meta(model, state)
-    backbone = standalone.build(meta)
-    backbone.load_state_dict(backbone_state_dict(model.cpu().eval(), meta), strict=True)
+    with torch.device("meta"):  # shapes only: every tensor comes from the model
+        backbone = standalone.build(meta)
+    backbone.load_state_dict(backbone_state_dict(model.cpu().eval(), meta), strict=True, assign=True)
     return backbone.eval(), meta
 
 

@@ -182,6 +182,7 @@ def load(path: str, map_location: str | torch.device = "cpu") -> Backbone:
     tensors, metadata = read_safetensors(path)
     if "meta" not in metadata:
         raise ValueError(f"{path} has no 'meta' entry in its header: not written by `deepcluster export-model`")
-    model = build(json.loads(metadata["meta"]))
-    model.load_state_dict(tensors, strict=True)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = build(json.loads(metadata["meta"]))
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model.to(map_location).eval()

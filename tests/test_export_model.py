@@ -206,11 +206,14 @@ def test_torchscript_and_onnx_match(small_run, tmp_path):
     x = images(28, n=5)  # another batch size than the traced one
     with torch.no_grad():
         ref = model.forward_features(x)
-    scripted = torch.jit.load(str(export_model(run, "torchscript", tmp_path / "b.pt")))
+    extra = {"deepcluster.json": ""}
+    scripted = torch.jit.load(str(export_model(run, "torchscript", tmp_path / "b.pt")), _extra_files=extra)
     assert max_diff(scripted(x), ref) <= TOL
+    assert json.loads(extra["deepcluster.json"])["architecture"] == "alexnet_small"
     session = ort.InferenceSession(str(export_model(run, "onnx", tmp_path / "b.onnx")),
                                    providers=["CPUExecutionProvider"])
     assert max_diff(session.run(None, {"image": x.numpy()})[0], ref) <= TOL
+    assert json.loads(session.get_modelmeta().custom_metadata_map["input_size"]) == [3, 28, 28]
 
 
 def test_torch_hub_local_offline(small_run, tmp_path):
@@ -277,5 +280,15 @@ def test_bad_input_one_line_errors(small_run, tmp_path, capsys):
         export_model(run, "pickle", out)
     with pytest.raises(ExportError, match="no exported backbone"):
         load_backbone(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="no 'meta' entry"):
+        load_backbone(tmp_path / "foreign.safetensors")
+    meta = {"meta": json.dumps({"arch": "alexnet_small", "sobel": True, "image_size": 28, "fc_dim": 64,
+                                "width": 0.25, "num_classes": 3})}
+    save_file({"features.0.0.weight": torch.zeros(2, 3, 3, 3)}, tmp_path / "partial.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="does not fit its own header"):
+        load_backbone(tmp_path / "partial.safetensors")
     assert resolve_checkpoint(run) == run / "checkpoint.pt"
     assert tuple(CLI_FORMATS) == FORMATS

@@ -200,11 +200,14 @@ def _serialise(backbone: standalone.Backbone, meta: dict[str, Any], metadata: di
         torch.jit.save(traced, buf, _extra_files={"deepcluster.json": json.dumps(metadata)})
     else:
         try:
-            import onnx  # noqa: F401 - torch.onnx needs it
+            import onnx  # torch.onnx needs it too
         except ImportError:
             raise ExportError("--format onnx needs the onnx package: pip install onnx") from None
         torch.onnx.export(_Features(backbone).eval(), (example,), buf, dynamo=False, input_names=["image"],
                           output_names=["features"], dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+        graph = onnx.load_from_string(buf.getvalue())
+        onnx.helper.set_model_props(graph, metadata)  # the safetensors header, as ONNX metadata_props
+        return graph.SerializeToString()
     return buf.getvalue()
 
 

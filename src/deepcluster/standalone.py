@@ -170,6 +170,8 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
         dtype = _DTYPES[info["dtype"]]
         flat = (torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start)
                 if end > start else torch.empty(0, dtype=dtype))
@@ -184,5 +186,8 @@ def load(path: str, map_location: str | torch.device = "cpu") -> Backbone:
         raise ValueError(f"{path} has no 'meta' entry in its header: not written by `deepcluster export-model`")
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
         model = build(json.loads(metadata["meta"]))
-    model.load_state_dict(tensors, strict=True, assign=True)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit its own header's architecture: {str(e).strip().splitlines()[0]}") from None
     return model.to(map_location).eval()

@@ -123,7 +123,8 @@ class _FixedPool7(nn.Module):
 def backbone_state_dict(model: DeepClusterNet, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``model``'s weights in :mod:`deepcluster.standalone`'s layout (Sobel folded into ``features.0``)."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out = {f"features.0.{k}": v.detach().cpu() for k, v in exact_front(model.sobel, model.features[0]).state_dict().items()}
+    front = exact_front(model.sobel, model.features[0])  # Sobel folded in, exactly
+    out = {f"features.0.{k}": v.detach().cpu() for k, v in front.state_dict().items()}
     out.update({k: v for k, v in sd.items() if k.startswith("features.") and not k.startswith("features.0.")})
     fc6 = sd["classifier.1.weight"]
     if meta["arch"] == "vgg16":

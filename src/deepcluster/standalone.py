@@ -189,5 +189,6 @@ def load(path: str, map_location: str | torch.device = "cpu") -> Backbone:
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"{path} does not fit its own header's architecture: {str(e).strip().splitlines()[0]}") from None
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path} does not fit its own header's architecture: {first}") from None
     return model.to(map_location).eval()

@@ -17,11 +17,12 @@ padding ``p``). All three are linear, so two folds are possible:
    zero-padded image, which at the one-pixel ring just outside the image are not zero
    (the Sobel filter there still sees the first row/column of pixels). For ``p >= 1``
    every output whose window touches that ring differs: conv1's outer rows and columns
-   (:func:`border_mask`; 1 or 2 of them for our models), by up to 0.4-1.2 on random
-   normal images where conv1's outputs reach 2-3 (measured in ``docs/EXPORT.md``). No single zero-padded convolution can be exact: its kernel is
-   fixed by the interior, and that kernel gives the border values above. An exact
-   border correction exists (subtract conv1 applied to the Sobel ring alone) but needs
-   the Sobel responses again, so it is no simpler than fold 1.
+   (:func:`border_mask`; 1 or 2 of them for our models), by up to 0.5-1.6 on random
+   normal images where conv1's outputs reach 2-4 (measured in ``docs/EXPORT.md``). No
+   single zero-padded convolution can be exact: its kernel is fixed by the interior,
+   and that kernel gives the border values above. An exact border correction exists
+   (subtract conv1 applied to the Sobel ring alone) but needs the Sobel responses
+   again, so it is no simpler than fold 1.
 
 For ``p = 0`` fold 2 would be exact too (conv1 never reads padding); every registered
 model has ``p >= 1``, so the export uses fold 1.

@@ -87,6 +87,8 @@ def test_fold_front_end(arch, size):
 
 # --------------------------------------------------------------------------- safetensors
 
+# Run with ``python -I`` and an import hook that refuses ``deepcluster`` (the venv may have
+# it installed): the copied standalone.py, then hubconf.py through torch.hub, offline.
 _CHILD = r"""
 import importlib.abc, json, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -97,19 +99,21 @@ sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[1])
 import torch, standalone
 from safetensors.torch import load_file
-weights, inputs, out = sys.argv[2:5]
+weights, inputs, out, repo, arch = sys.argv[2:7]
 model = standalone.load(weights)
 tensors, _ = standalone.read_safetensors(weights)
 ref = load_file(weights)
 assert tensors.keys() == ref.keys() and all(torch.equal(tensors[k], ref[k]) for k in ref)
+hub = torch.hub.load(repo, "deepcluster_" + arch, source="local", weights=weights)  # hubconf.py, offline
 with torch.no_grad():
-    torch.save(model.forward_features(torch.load(inputs)), out)
+    x = torch.load(inputs)
+    torch.save(torch.stack([model.forward_features(x), hub.forward_features(x)]), out)
 assert not any(m.split(".")[0] == "deepcluster" for m in sys.modules), sorted(sys.modules)
 """
 
 
 @pytest.mark.parametrize("arch,size,fc_dim", [("alexnet_small", 28, None), ("alexnet", 224, 512)])
-def test_standalone_file_alone_gives_the_training_features(arch, size, fc_dim, tmp_path):
+def test_standalone_file_and_hub_alone_give_the_training_features(arch, size, fc_dim, tmp_path):
     # alexnet's fc layers at 512 instead of 4096 (its conv stack unchanged): a 20 MB file, not 240 MB
     model = trained_like(arch, size, **({"fc_dim": fc_dim} if fc_dim else {}))
     ckpt = save_run(model, tmp_path / "checkpoint.pt", arch, fc_dim=fc_dim)
@@ -120,10 +124,12 @@ def test_standalone_file_alone_gives_the_training_features(arch, size, fc_dim, t
     x = images(size)
     torch.save(x, tmp_path / "x.pt")
     res = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(alone), str(weights), str(tmp_path / "x.pt"),
-                          str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "y.pt"), str(ROOT), arch], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    standalone_feats, hub_feats = torch.load(tmp_path / "y.pt")
     with torch.no_grad():
-        assert max_diff(torch.load(tmp_path / "y.pt"), model.forward_features(x)) <= TOL
+        assert max_diff(standalone_feats, model.forward_features(x)) <= TOL
+        assert max_diff(hub_feats, model.forward_features(x)) <= TOL
 
 
 @pytest.mark.parametrize("kwargs", [{"sobel": False}, {"cluster_feature": "projection"},
@@ -167,7 +173,9 @@ def test_vgg16_without_sobel_has_torchvision_keys_and_shapes():
     with torch.device("meta"):  # shapes only
         tv = torchvision.models.vgg16_bn(num_classes=7)
         ours = standalone.build({"arch": "vgg16", "sobel": False, "image_size": 32, "fc_dim": 4096, "num_classes": 7})
+        trained = create_model("vgg16", image_size=32, sobel=False)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in tv.state_dict().items()}
+    assert ours.conv_layers == trained.conv_layers  # conv1 ... conv5 and conv{block}_{i}
 
 
 def test_metadata_in_header(tmp_path):

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from . import __version__, standalone
 from .checkpoint import load_model
 from .io import atomic_write
-from .models import DeepClusterNet, alexnet_small
+from .models import DeepClusterNet, Sobel, alexnet_small
 from .models.fold import exact_front
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -78,7 +78,7 @@ def backbone_meta(model: DeepClusterNet, state: dict[str, Any]) -> dict[str, Any
     width = meta.get("width")
     if arch == "alexnet_small" and width is None:
         width = inspect.signature(alexnet_small).parameters["width"].default
-    return {"arch": arch, "sobel": bool(meta.get("sobel", True)), "image_size": model.image_size,
+    return {"arch": arch, "sobel": isinstance(model.sobel, Sobel), "image_size": model.image_size,
             "fc_dim": model.fc_dim, "width": width, "cluster_feature": model.cluster_feature,
             "projection_dim": model.projection_dim, "num_classes": model.num_clusters,
             "head_temperature": float(state.get("config", {}).get("optim", {}).get("temperature",
@@ -144,17 +144,28 @@ def to_backbone(model: DeepClusterNet, state: dict[str, Any]) -> tuple[standalon
     meta = backbone_meta(model, state)
     with torch.device("meta"):  # shapes only: every tensor comes from the model
         backbone = standalone.build(meta)
-    backbone.load_state_dict(backbone_state_dict(model.cpu().eval(), meta), strict=True, assign=True)
+    was_training = model.training
+    try:
+        weights = backbone_state_dict(model.eval(), meta)  # eval: vgg16's shape probe must not move BN stats
+    finally:
+        model.train(was_training)
+    backbone.load_state_dict(weights, strict=True, assign=True)
     return backbone.eval(), meta
 
 
 def _git_commit() -> str:
+    """``git rev-parse HEAD`` of the checkout this package runs from, else ``"unknown"`` (an
+    installed package inside some other repository does not take that repository's commit)."""
+    here = Path(__file__).resolve().parent
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        res = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+    lines = res.stdout.split()
+    if res.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "deepcluster" != here:
+        return "unknown"
+    return lines[1]
 
 
 def header_metadata(meta: dict[str, Any], state: dict[str, Any]) -> dict[str, str]:

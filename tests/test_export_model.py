@@ -237,6 +237,24 @@ def test_torch_hub_local_offline(small_run, tmp_path):
         torch.hub.load(str(ROOT), "deepcluster_vgg16", source="local")
 
 
+def test_a_trained_run_exports(tiny_mnist_root, tmp_path):
+    """A checkpoint written by ``train`` itself (every key it holds), through the CLI."""
+    from conftest import train_tiny
+    from deepcluster.checkpoint import load_model
+
+    run = train_tiny(tiny_mnist_root, tmp_path / "run")
+    out = tmp_path / "b.safetensors"
+    assert main(["export-model", str(run), "-o", str(out)]) == 0
+    model, state = load_model(run)
+    x = images(28)
+    with torch.no_grad():
+        assert max_diff(standalone.load(str(out)).forward_features(x), model.forward_features(x)) <= TOL
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["epochs"]) == state["epoch"] == 2
+
+
 def test_load_backbone_from_run_and_file(small_run, tmp_path):
     run, model = small_run
     x = images(28)

@@ -214,7 +214,8 @@ class RunDir:
             if self.checkpoint.is_file() and (self.read_metrics() or [{}])[-1].get("epoch") == e - 1:
                 return self.checkpoint
         have = [f"{e}" for e in self.snapshots()] + (["best"] if self.best.is_file() else [])
-        raise RunDirError(f"{self.path} has no checkpoint for --epoch {epoch}; available: "
+        want = self.best.name if epoch == "best" else self.snapshot(parse_epoch(epoch)).name
+        raise RunDirError(f"{self.path} has no {want} for --epoch {epoch}; available: "
                           f"{', '.join(have) or 'only the last (checkpoint.pt): train with --keep-every N'}")
 
     def output_dir(self, name: str, override: str | Path | None = None) -> Path:

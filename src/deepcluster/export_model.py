@@ -53,9 +53,14 @@ def resolve_checkpoint(run: str | Path, epoch: int | str | None = None) -> Path:
     if not p.exists():
         raise ExportError(f"no run directory or checkpoint file at {p}")
     try:
-        return checkpoint_path(p, epoch)
+        found = checkpoint_path(p, epoch)
     except RunDirError as e:
         raise ExportError(str(e)) from None
+    found = found / "checkpoint.pt" if found.is_dir() else found
+    if not found.is_file():
+        there = sorted(f.name for f in p.glob("*.pt"))
+        raise ExportError(f"{p} has no {found.name} (checkpoints there: {', '.join(there) or 'none'})")
+    return found
 
 
 def backbone_meta(model: DeepClusterNet, state: dict[str, Any]) -> dict[str, Any]:

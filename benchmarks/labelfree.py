@@ -28,7 +28,7 @@ held-out 1,000 from the signal set's 2,000 (fc7); ``nmi_k10``, NMI between k-mea
 Prints a markdown table per network and the Spearman rank correlation of each signal
 with each reference across the networks.
 
-    OMP_NUM_THREADS=2 python benchmarks/labelfree.py                 # ~6 min on 2 cores
+    OMP_NUM_THREADS=2 python benchmarks/labelfree.py                 # 13 min on 2 busy cores (10 training)
     OMP_NUM_THREADS=2 python benchmarks/labelfree.py --epochs 1 --degraded-lr 0   # quick look
 """
 
@@ -51,7 +51,7 @@ from deepcluster.eval.knn import knn_classify
 from deepcluster.labelfree import cluster_stability, knn_agreement, rankme
 from deepcluster.metrics import nmi
 from deepcluster.models import create_model
-from deepcluster.train import train
+from deepcluster.train import TrainingError, train
 
 SIGNALS = ("rankme", "knn_agree", "stab_k100", "stab_k10")
 REFERENCES = ("knn_acc", "nmi_k10")
@@ -78,7 +78,7 @@ def train_networks(workdir: Path, epochs: list[int], degraded_lr: float) -> dict
             continue
         try:
             train(run_config(workdir / name, e, lr))
-        except Exception as err:  # a diverged degraded run: reported, not fatal
+        except TrainingError as err:  # a diverged degraded run: reported, not fatal
             print(f"# {name}: training failed ({type(err).__name__}: {str(err).splitlines()[0]})")
             continue
         nets[name] = load_model(workdir / name)[0]

@@ -7,8 +7,9 @@ features never need to be held for the whole data set (see ``fit``/``transform``
 
 Only the top ``dim`` eigenpairs of the ``D x D`` covariance are needed, so the fit never
 runs a full dense eigendecomposition when ``dim < D`` (``docs/SCALE.md``, "PCA fit on
-wide features"): :func:`top_eigh` asks LAPACK for the top ``dim`` pairs only, and ``fit`` on fewer rows than dimensions (``n < D``) eigendecomposes the
-``n x n`` Gram matrix instead and maps its eigenvectors back (:func:`gram_top_eigh`).
+wide features"): :func:`top_eigh` asks LAPACK for the top ``dim`` pairs only, and
+``fit`` on fewer rows than dimensions (``n < D``) eigendecomposes the ``n x n`` Gram
+matrix instead and maps its eigenvectors back (:func:`gram_top_eigh`).
 Both are exact methods (no sampling), equal to the full eigendecomposition up to
 rounding and the sign of each eigenvector, which the fit fixes afterwards.
 """
@@ -37,7 +38,7 @@ def top_eigh(sym: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ``subset_by_index``, LAPACK ``dsyevx``: bisection and inverse iteration on the
     tridiagonal form): the reduction to tridiagonal form is that of a full solve, but the
     eigenvectors of the other ``D - k`` pairs are never formed nor back-transformed
-    (about 2 x faster at D = 4096, k = 256, and 5-30 % faster than the MRRR driver
+    (1.7-1.9 x faster at D = 4096, k = 256, and 5-30 % faster than the MRRR driver
     ``dsyevr`` in our measurements, ``benchmarks/pca_fit.py --solvers``). Should inverse
     iteration fail to converge (tight eigenvalue clusters), MRRR is used. For ``k = D``
     it is ``numpy.linalg.eigh``.

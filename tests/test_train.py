@@ -10,6 +10,7 @@ from deepcluster.checkpoint import CheckpointError, load_checkpoint
 from deepcluster.config import resolve
 from deepcluster.data import DataError
 from deepcluster.monitor import default_callbacks
+from deepcluster.rundir import RunDirError
 from deepcluster.train import TrainingError, train
 
 
@@ -131,11 +132,16 @@ def test_a_folder_picks_its_image_size_and_a_resumed_run_keeps_it(tmp_path):
         return load_checkpoint(tmp_path / "run")["meta"]["image_size"]
 
     assert run(1) == 32  # the shorter side of 40 x 32 images
-    # Most images replaced by larger ones (same count): the median would now be 64, but the
-    # run resumes at the size it was trained at instead of refusing a size mismatch.
+    assert run(2, resume=True) == 32  # a resumed run keeps the size it picked
+    # Most images replaced by larger ones (same count, same names): the rows would now be
+    # other pictures, so the resume is refused with one line saying what changed, and
+    # nothing in the run folder is touched (issue 22).
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    assert run(2, resume=True) == 32
+    with pytest.raises(RunDirError, match="8 changed since the run started"):
+        run(3, resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 
 
 def test_whiten_eps_reaches_the_training_pca(tiny_mnist_root, tmp_path):

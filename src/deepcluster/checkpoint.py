@@ -102,6 +102,36 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str 
             "uninterrupted run of either release", have, __version__)
 
 
+def check_resume_state(state: dict[str, Any], num_images: int, path: str | Path = "checkpoint") -> None:
+    """Refuse a checkpoint whose fields a resume would trust but cannot use: types,
+    ranges and shapes (``epoch``, the assignment history, the weights, the optimiser),
+    before anything on disk is touched.
+
+    Raises:
+        CheckpointError: one line naming the checkpoint and the field.
+    """
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} cannot be resumed: {field} {why}; nothing was changed")
+
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise bad("epoch", f"must be a positive number of completed epochs, got {epoch!r}")
+    hist = state.get("assignments")
+    if not isinstance(hist, torch.Tensor) or hist.ndim != 2 or hist.dtype.is_floating_point:
+        raise bad("assignments", "must be an integer (epochs, images) tensor")
+    if tuple(hist.shape) != (epoch, num_images):
+        raise bad("assignments", f"has shape {tuple(hist.shape)}, expected ({epoch}, {num_images}) for "
+                                 f"{epoch} epochs of {num_images} images")
+    if hist.numel() and int(hist.min()) < 0:
+        raise bad("assignments", "holds negative cluster ids")
+    head = state.get("model", {}).get("head.weight")
+    if not isinstance(head, torch.Tensor) or head.ndim != 2:
+        raise bad("model", "has no 2-D head.weight")
+    opt = state.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise bad("optimizer", "is not an optimiser state (state, param_groups)")
+
+
 def saved_config(state: dict[str, Any], where: str = "the checkpoint") -> Config:
     """The typed :class:`~deepcluster.config.Config` a checkpoint was trained with
     (older layouts migrated by :func:`~deepcluster.config.config_from_saved`).

@@ -39,6 +39,7 @@ from .data import DataError, IndexedDataset, cluster_transform, image_spec
 from .data.files import FileImages, read_image
 from .data.scan import display_path, list_images
 from .features import iter_features, make_loader
+from .io import atomic_write, write_text
 from .data.sources import IMAGE_EXTENSIONS
 from .models import DeepClusterNet
 from .rundir import Run, checkpoint_path, ensure_writable_dir
@@ -202,16 +203,15 @@ def write_table(columns: dict[str, Any], path: str | Path | None, fmt: str) -> N
             else:
                 header.append(name)
                 cols.append(arr)
-        out = io.StringIO() if path is None else open(path, "w", newline="", encoding="utf-8")
-        try:
-            w = csv.writer(out)
-            w.writerow(header)
-            for row in zip(*cols):
-                w.writerow([_csv_value(x) for x in row])
-            if path is None:
-                sys.stdout.write(out.getvalue())
-        finally:
-            out.close()
+        out = io.StringIO(newline="")
+        w = csv.writer(out)
+        w.writerow(header)
+        for row in zip(*cols):
+            w.writerow([_csv_value(x) for x in row])
+        if path is None:
+            sys.stdout.write(out.getvalue())
+        else:  # whole or not at all: a full disk leaves no partial file and names it
+            write_text(path, out.getvalue())
     elif fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -227,7 +227,8 @@ def write_table(columns: dict[str, Any], path: str | Path | None, fmt: str) -> N
             names.append(name)
         if path is None:
             raise ValueError("--format parquet needs --output FILE")
-        pq.write_table(pa.Table.from_arrays(arrays, names=names), path)
+        table = pa.Table.from_arrays(arrays, names=names)
+        atomic_write(path, lambda f: pq.write_table(table, f))
     elif fmt == "npy":
         if path is None:
             raise ValueError("--format npy needs --output FILE")
@@ -245,8 +246,7 @@ def write_table(columns: dict[str, Any], path: str | Path | None, fmt: str) -> N
         table = np.empty(len(values[0]) if values else 0, dtype=dtype)
         for (name, *_), arr in zip(dtype, values):
             table[name] = arr
-        with open(path, "wb") as f:
-            np.save(f, table, allow_pickle=False)
+        atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
     else:
         raise ValueError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
 

@@ -48,6 +48,37 @@ def _umask() -> int:
     return mask
 
 
+class _Stream:
+    """The temp file as writers see it: every write goes through Python's ``write``, so
+    a full disk raises an ``OSError`` with its errno. (Given the real file, numpy writes
+    arrays with C ``fwrite`` and reports a full disk as "N requested and 0 written",
+    with no errno to recognise it by.)"""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def read(self, size: int = -1) -> bytes:  # zip writers (numpy's savez) check for it
+        return self._f.read(size)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(file_object)`` on a temp file, fsync, then rename onto ``path``.
 
@@ -62,7 +93,7 @@ def atomic_write(path: str | Path, write_fn) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            write_fn(f)
+            write_fn(_Stream(f))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private to one user

@@ -138,14 +138,14 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, options
     opt = options or ReportOptions()
     run_dir = Path(run_dir)
     records = RunDir(run_dir).read_metrics(required=True)
+    run: Run | None = None
+    if (run_dir / CHECKPOINT).is_file():  # refusals (a changed folder, a bad layer) before any folder is made
+        run = Run.load(checkpoint_path(run_dir, epoch), require_metrics=True, device=device)
+        check_layer(run.model, opt.layer)
+        run.source  # noqa: B018 - opens the data, checking the folder's manifest
     out = ensure_writable_dir(out_dir if out_dir is not None else run_dir / "report")
     timer = _Timer()
     sections: list[Section] = []
-
-    run: Run | None = None
-    if (run_dir / CHECKPOINT).is_file():
-        run = Run.load(checkpoint_path(run_dir, epoch), require_metrics=True, device=device)
-        check_layer(run.model, opt.layer)
     assignments = run.assignments if run is not None else RunDir(run_dir).read_assignments()
 
     sections.append(timer.section("curves", lambda: _curves_section(records, out)))

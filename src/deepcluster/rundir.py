@@ -14,6 +14,7 @@ A run directory holds:
 | ``train.log`` / ``train.rank<N>.log`` | train | the log of rank 0 / rank N |
 | ``run.lock`` | train | held (``flock``) while a training process owns the folder |
 | ``skipped_images.txt`` | train | unreadable images of a folder: ``path<TAB>reason`` |
+| ``manifest.npz`` | train | folder runs: which file each row is (path, size, mtime, inode) |
 | ``eval/``, ``report/``, ``viz/`` | eval, report, viz | results of the other commands |
 
 :class:`RunDir` names the files and reads/writes them (atomically, :mod:`deepcluster.io`);
@@ -38,7 +39,8 @@ import torch
 
 from .checkpoint import CheckpointError, load_model, saved_config
 from .config import Config, load_yaml, config_from_saved, save_yaml
-from .data import ImageSource, ImageSpec, cluster_transform, image_spec, training_source
+from .data import (DataError, ImageSource, ImageSpec, Manifest, cluster_transform, diff, image_spec,
+                   training_source)
 from .io import atomic_write, write_text, writable_dir
 from .models import DeepClusterNet, model_from_meta
 
@@ -64,6 +66,7 @@ class RunDir:
         self.log = self.path / "train.log"
         self.lock = self.path / "run.lock"
         self.skipped = self.path / "skipped_images.txt"
+        self.manifest = self.path / "manifest.npz"
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ ownership
@@ -166,6 +169,29 @@ class RunDir:
             return
         clean = lambda t: str(t).replace("\t", " ").replace("\n", " ")  # noqa: E731
         write_text(self.skipped, "".join(f"{clean(p)}\t{clean(r)}\n" for p, r in skipped))
+
+    # ------------------------------------------------------------------ which file each row is
+
+    def check_manifest(self, source: ImageSource) -> Manifest | None:
+        """Refuse a folder that changed since the run started: rows are images by position,
+        so an added, removed, renamed or rewritten file would silently give rows to other
+        files. Returns the folder's manifest now (``None`` for data sets without files).
+
+        Raises:
+            RunDirError: the folder's files differ from ``manifest.npz`` (one line: what changed).
+        """
+        try:
+            now = Manifest.from_source(source)
+        except DataError:  # a torchvision data set: its rows cannot move
+            return None
+        if self.manifest.is_file():
+            d = diff(Manifest.load(self.manifest), now)
+            same = len(d.remap) == len(now) and bool((d.remap == np.arange(len(now))).all())
+            if not same or len(d.added):
+                root = getattr(source, "root", None) or getattr(getattr(source, "base", None), "root", "the folder")
+                raise RunDirError(f"{root}: {d.describe()}, so the run's rows no longer name the same files; "
+                                  f"restore the folder or start a new run (another --output-dir)")
+        return now
 
     # ------------------------------------------------------------------ snapshots
 
@@ -370,6 +396,7 @@ class Run:
         """The images the run trained on, image ``i`` = row ``i`` of the assignments."""
         data = self.config.data
         source = training_source(data, self.seed)
+        RunDir(self.path).check_manifest(source)  # renamed or replaced files: refused, never shifted
         n = self.state.get("meta", {}).get("num_images")
         if n is not None and len(source) != n:
             raise RunDirError(f"the run trained on {n} images but its data set now has {len(source)} "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_compatible, check_resume_state, load_checkpoint
 from .clustering import faiss_has_gpu
 from .config import Config
 from .data import (DataError, ImageSource, IndexedDataset, MultiView, cluster_transform, folder_image_size,
@@ -77,6 +77,8 @@ class Session:
     history: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
     records: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
+    manifest: Any = None
+    """Folder runs: which file each row is (written to the run folder once it is ours)."""
 
 
 def _check_scale_options(cfg: Config, device: torch.device) -> None:
@@ -94,10 +96,7 @@ def open_session(cfg: Config, device: torch.device) -> tuple[Session, dict[str, 
     """Data, model and optimiser of the run in ``cfg.run.output_dir``, and the
     checkpoint to resume from (checked compatible before any work)."""
     run = RunDir(cfg.run.output_dir)
-    if run.checkpoint.exists() and not cfg.run.resume:
-        raise TrainingError(f"{run.path} already holds a run; pass --resume to continue it or choose another --output-dir")
-    if cfg.run.resume and not run.checkpoint.exists() and not run.config.exists():
-        raise TrainingError(f"--resume given but {run.checkpoint} does not exist")
+    _check_run_folder(run, cfg)
     _check_scale_options(cfg, device)
     seed_everything(cfg.run.seed)
     set_deterministic(cfg.run.deterministic)
@@ -106,7 +105,10 @@ def open_session(cfg: Config, device: torch.device) -> tuple[Session, dict[str, 
     n = len(source)
     if cfg.cluster.method == "kmeans" and cfg.cluster.k > n:
         raise DataError(f"--k {cfg.cluster.k} is larger than the number of images ({n}); lower --k")
+    manifest = run.check_manifest(source)  # a folder that changed under a resumed run is refused
     state = load_checkpoint(run.checkpoint, map_location=device) if cfg.run.resume and run.checkpoint.exists() else None
+    if state is not None:
+        check_resume_state(state, n, run.checkpoint)
     image_size = cfg.data.image_size
     if image_size is None and cfg.data.name == "folder":
         image_size = (state or {}).get("meta", {}).get("image_size")  # a resumed run keeps the size it picked
@@ -127,8 +129,20 @@ def open_session(cfg: Config, device: torch.device) -> tuple[Session, dict[str, 
         model = model.to(memory_format=torch.channels_last)
     s = Session(cfg, run, device, model, build_optimizer(model, cfg), IndexedDataset(source, cluster_transform(spec)),
                 train_ds, source.labels, meta, torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
-                np.zeros((0, n), dtype=np.int32))
+                np.zeros((0, n), dtype=np.int32), run.read_metrics() if cfg.run.resume else [], manifest=manifest)
     return s, state, source
+
+
+def _check_run_folder(run: RunDir, cfg: Config) -> None:
+    """Refuse a folder that is not this run's to write, before anything is written."""
+    if run.checkpoint.exists() and not cfg.run.resume:
+        raise TrainingError(f"{run.path} already holds a run; pass --resume to continue it or choose another --output-dir")
+    if cfg.run.resume and not run.checkpoint.exists() and not run.config.exists():
+        raise TrainingError(f"--resume given but {run.checkpoint} does not exist")
+    foreign = [f.name for f in (run.metrics, run.assignments) if f.exists()]
+    if foreign and not run.checkpoint.exists() and not run.config.exists():
+        raise TrainingError(f"{run.path} holds {', '.join(foreign)} but no config.yaml or checkpoint.pt of a "
+                            "deepcluster run; choose an empty or new --output-dir")
 
 
 def restore(s: Session, state: dict[str, Any]) -> None:

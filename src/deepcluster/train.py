@@ -211,6 +211,8 @@ def _train(saved_cfg: Config, device: torch.device, callbacks: list[Callback]) -
     else:
         s.run.path.mkdir(parents=True, exist_ok=True)
     try:
+        if is_main_process() and s.manifest is not None and not s.run.manifest.is_file():
+            s.manifest.save(s.run.manifest)
         with RunLog(s.run, rank()) as log:
             if is_main_process():
                 s.run.remove_stale_temps()
@@ -218,7 +220,7 @@ def _train(saved_cfg: Config, device: torch.device, callbacks: list[Callback]) -
             if state is not None:
                 restore(s, state)
             del state
-            s.records = [r for r in s.run.read_metrics() if r["epoch"] < s.start_epoch]
+            s.records = [r for r in s.records if r["epoch"] < s.start_epoch]
             if is_main_process():
                 s.run.write_metrics(s.records)
                 s.run.write_config(saved_cfg)

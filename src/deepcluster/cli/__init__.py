@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+from pathlib import Path
 
 from ..config import ConfigError
 
@@ -52,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(e.args) > 1:  # train() says what was kept and how to resume
             print(f"deepcluster: {e.args[1]}", file=sys.stderr)
             return code
-        out = getattr(args, "output_dir", None) or "RUN_DIR"
-        print(f"deepcluster: interrupted; the last complete epoch is saved — continue with "
-              f"`deepcluster train --output-dir {out} --resume`", file=sys.stderr)
+        out = getattr(args, "output_dir", None)
+        if args.command == "train" and out and (Path(out) / "checkpoint.pt").is_file():
+            print(f"deepcluster: interrupted; the last complete epoch is saved — continue with "
+                  f"`deepcluster train --output-dir {out} --resume`", file=sys.stderr)
+        else:  # before the run folder held a checkpoint (start-up), or another command
+            print(f"deepcluster: interrupted before anything was saved; run `deepcluster {args.command} ...` again",
+                  file=sys.stderr)
         return code
     except (ValueError, RuntimeError, OSError) as e:
         if args.verbose:

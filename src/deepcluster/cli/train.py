@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, resolve
+from ..config import PRESETS, merge, resolve
 
 logger = logging.getLogger("deepcluster")
 
@@ -173,12 +173,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
     overrides = flags_to_overrides(args, TRAIN_FLAGS)
-    config_file = args.config
-    if args.resume and not config_file:
-        out = overrides.get("run", {}).get("output_dir")
-        if out and (Path(out) / "config.yaml").exists():
+    config_file, preset = args.config, args.preset
+    out = overrides.get("run", {}).get("output_dir")
+    if args.resume and not config_file and out:
+        if (Path(out) / "config.yaml").exists():
             config_file = str(Path(out) / "config.yaml")  # resume with the run's own settings
-    cfg = resolve(args.preset, config_file, overrides)
+        elif (Path(out) / "checkpoint.pt").exists():  # config.yaml lost: the checkpoint holds the settings too
+            from ..checkpoint import load_checkpoint, saved_config
+
+            saved = saved_config(load_checkpoint(Path(out) / "checkpoint.pt")).to_dict()
+            preset = preset or saved.pop("preset")
+            overrides = merge(saved, overrides)
+    cfg = resolve(preset, config_file, overrides)
     train(cfg, callbacks=default_callbacks(cfg))
     logger.info("done: %s (metrics.jsonl, nmi.png, checkpoint.pt)", cfg.run.output_dir)
     return 0

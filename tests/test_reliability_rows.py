@@ -1,0 +1,153 @@
+"""Reliability, second round (issue 22): a run knows which file each row is, refuses
+what it cannot trust before touching anything, and names the file in every error.
+
+Each test makes the hostile situation for real (renamed files, a tampered checkpoint, a
+damaged metrics file, a size-limited file system, a SIGINT in start-up) and checks the
+one-line error and that every earlier output is byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_reliability import cli, digest, error_line
+
+pytestmark = pytest.mark.reliability
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    """Every file of the run folder (not sub-folders) -> its SHA-256."""
+    return {p.name: digest(p) for p in sorted(run.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> tuple[Path, Path]:
+    return make_run(tmp_path_factory.mktemp("rows"))
+
+
+def make_run(base: Path) -> tuple[Path, Path]:
+    """24 distinct PNGs and a 1-epoch run on them (k = 3)."""
+    images = base / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(images / f"img{i:02d}.png")
+    run = base / "run"
+    p = cli("train", "--data", "folder", "--data-root", str(images), "--output-dir", str(run), "--epochs", "1",
+            "--k", "3", "--pca-dim", "4", "--batch-size", "8", "--workers", "0")
+    assert p.returncode == 0, p.stderr
+    return images, run
+
+
+def copy_case(folder_run, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    images, run = folder_run
+    shutil.copytree(images, tmp_path / "images")
+    shutil.copytree(run, tmp_path / "run")
+    cfg = (tmp_path / "run" / "config.yaml")
+    cfg.write_text(cfg.read_text().replace(str(images), str(tmp_path / "images")))
+    return tmp_path / "images", tmp_path / "run"
+
+
+def test_the_run_records_which_file_each_row_is(folder_run):
+    from deepcluster.data import Manifest
+
+    images, run = folder_run
+    m = Manifest.load(run / "manifest.npz")
+    assert m.paths == sorted(p.name for p in images.iterdir())
+    assert m.sizes.tolist() == [(images / p).stat().st_size for p in m.paths]
+
+
+def test_renamed_files_same_count_refuse_resume_export_and_report(tmp_path):
+    images, run = make_run(tmp_path)  # its own folder: the checkpoint names it
+    for i in range(3):  # same count, three rows now other files
+        os.rename(images / f"img{i:02d}.png", images / f"zz{i:02d}.png")
+    before = snapshot(run)
+    for args in (["train", "--output-dir", str(run), "--resume", "--epochs", "2"],
+                 ["export", str(run), "-o", str(tmp_path / "out.csv")],
+                 ["report", str(run), "--out", str(tmp_path / "report")]):
+        line = error_line(cli(*args))
+        assert "3 renamed since the run started" in line and "no longer name the same files" in line, line
+    assert snapshot(run) == before
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "report").exists()
+
+
+def test_an_out_of_range_checkpoint_is_refused_before_anything_changes(folder_run, tmp_path):
+    _, run = copy_case(folder_run, tmp_path)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["epoch"] = -5
+    torch.save(state, run / "checkpoint.pt")
+    before = snapshot(run)
+    line = error_line(cli("train", "--output-dir", str(run), "--resume", "--epochs", "2"))
+    assert "epoch must be a positive number of completed epochs, got -5" in line and "nothing was changed" in line
+    assert snapshot(run) == before  # metrics.jsonl not wiped, no train.log line
+
+
+def test_a_damaged_metrics_file_is_named_with_its_line_and_nothing_is_written(folder_run, tmp_path):
+    _, run = copy_case(folder_run, tmp_path)
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "convnet_loss": "unterminated\n')
+    before = snapshot(run)
+    line = error_line(cli("train", "--output-dir", str(run), "--resume", "--epochs", "2"))
+    assert f"{run / 'metrics.jsonl'} line 1 is not valid JSON" in line
+    assert snapshot(run) == before
+
+
+def test_an_unrelated_folder_is_not_taken_over(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text("my own numbers, not JSON\n")
+    line = error_line(cli("train", "--output-dir", str(foreign), "--epochs", "1", "--subset", "64"))
+    assert "holds metrics.jsonl but no config.yaml or checkpoint.pt" in line
+    assert sorted(p.name for p in foreign.iterdir()) == ["metrics.jsonl"]  # no train.log, no lock
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("fmt", ["csv", "npy"])
+def test_a_full_disk_during_export_names_the_file_and_leaves_nothing(folder_run, tmp_path, fmt):
+    _, run = copy_case(folder_run, tmp_path)
+    out = tmp_path / f"clusters.{fmt}"
+    out.write_bytes(b"previous export")
+    line = error_line(cli("export", str(run), "--format", fmt, "-o", str(out), "--features", "fc7",
+                          preexec_fn=_limit_file_size(256)))
+    assert f"while writing {out}" in line and "the previous file is intact" in line
+    assert out.read_bytes() == b"previous export" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sigint_in_start_up_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
+    import deepcluster.train as train_mod
+    from deepcluster.cli import main
+
+    def interrupted(cfg, callbacks=None):
+        raise KeyboardInterrupt  # what SIGINT raises while the data set is being read
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert main(["train", "--output-dir", str(tmp_path / "new")]) == 130
+    err = capsys.readouterr().err
+    assert "before anything was saved" in err and "--resume" not in err
+
+
+def test_resume_without_config_yaml_takes_the_checkpoint_s_settings(folder_run, tmp_path):
+    _, run = copy_case(folder_run, tmp_path)
+    (run / "config.yaml").unlink()
+    p = cli("train", "--output-dir", str(run), "--resume", "--epochs", "2")
+    assert p.returncode == 0, p.stderr
+    from deepcluster.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run)
+    assert state["epoch"] == 2 and state["meta"]["k"] == 3

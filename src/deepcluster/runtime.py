@@ -161,13 +161,13 @@ def _progress_line(desc: str, steps: int, total: int | None, images: int | None,
         done += f", {images} images"
     count, unit = (images, "images") if images is not None else (steps, "steps")
     rate = count / elapsed if elapsed > 0 else float("inf")
-    line = f"{desc}: {done}, {rate:.1f} {unit}/s"
+    line = f"{desc}: {done}, {rate:.{1 if rate < 100 else 0}f} {unit}/s"
     if total and steps < total and elapsed > 0:
         line += f", ETA {_clock_text((total - steps) * elapsed / steps)}"
     return line
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, *, interval: float = PROGRESS_INTERVAL,
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, *, interval: float | None = None,
              clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
     """``iterable``'s items, with progress shown: a tqdm bar when stderr is a terminal, else
     an INFO log line every ``interval`` seconds (steps done of ``total``, images done when
@@ -178,7 +178,8 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, *, inte
         iterable: the loader (or any iterable); its ``len`` is the default ``total``.
         desc: what is being done (``"train 3"``, ``"extract"``), the line's prefix.
         total: steps expected (default ``len(iterable)`` when it has one).
-        interval: seconds between log lines (time-based, by ``clock``).
+        interval: seconds between log lines (time-based, by ``clock``; default
+            :data:`PROGRESS_INTERVAL`, read at the call).
         clock: monotonic seconds (a fake one in tests).
     """
     if total is None:
@@ -189,12 +190,13 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, *, inte
     if not is_main_process():
         yield from iterable
         return
-    if sys.stderr.isatty():
+    if getattr(sys.stderr, "isatty", lambda: False)():
         from tqdm import tqdm
 
         yield from tqdm(iterable, desc=desc, total=total, leave=False)
         return
-    t0 = last = clock()
+    interval = PROGRESS_INTERVAL if interval is None else interval
+    t0 = last = now = clock()
     steps, images = 0, 0
     counted = True
     for item in iterable:
@@ -207,5 +209,5 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, *, inte
         if now - last >= interval:
             last = now
             logger.info(_progress_line(desc, steps, total, images if counted else None, now - t0))
-    if last > t0:  # a long iteration: its last line too
-        logger.info(_progress_line(desc, steps, total, images if counted else None, clock() - t0))
+    if last > t0 and last < now:  # a long iteration: its last line too (unless just logged)
+        logger.info(_progress_line(desc, steps, total, images if counted else None, now - t0))

@@ -41,9 +41,9 @@ def results_dir_for(checkpoint: str | Path) -> Path:
 
 
 def _slug(text: str) -> str:
-    """``text`` safe in a file name: runs of characters other than letters, digits, ``.``
-    and ``_`` become ``_``."""
-    return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("_") or "_"
+    """``text`` safe in a file name: runs of characters other than letters, digits and
+    ``. _ + -`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
 
 
 def result_name(protocol: str, data: str, root: str | None = None, *, own: bool = True, split: str = "test",

@@ -314,7 +314,7 @@ def test_missing_download_sets_say_where_what_and_that_the_download_failed(name,
         build_source(name, str(tmp_path), "train", download=True)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{name} files not found under {tmp_path}") and layout in msg
+    assert msg.startswith(f"{name} not found under {tmp_path}") and layout in msg
     assert "a download was attempted and failed (URLError: no network in tests)" in msg
     with pytest.raises(DataError) as e:
         build_source(name, str(tmp_path / "empty"), "test", download=False)
@@ -323,7 +323,7 @@ def test_missing_download_sets_say_where_what_and_that_the_download_failed(name,
 
 def test_train_on_a_missing_cifar10_is_one_line(tmp_path, capsys, no_network):
     code = main(["train", "--data", "cifar10", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "run")])
-    line = _one_line_error(capsys, code, f"cifar10 files not found under {tmp_path}")
+    line = _one_line_error(capsys, code, f"cifar10 not found under {tmp_path}")
     assert "cifar-10-batches-py" in line and "download was attempted and failed" in line
 
 

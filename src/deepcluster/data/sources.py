@@ -167,7 +167,7 @@ def not_found_error(name: str, where: str, download: bool, cause: BaseException 
             "a download was attempted"
     else:
         tried = "no download was attempted (downloads are off: data.download is false)"
-    return DataError(f"{name} files not found under {where}; expected {LAYOUTS[name]}; {tried}")
+    return DataError(f"{name} not found under {where}: expected {LAYOUTS[name]}; {tried}")
 
 
 def mnist_like(name: str, root: str | None, train: bool, download: bool) -> TorchvisionSource:

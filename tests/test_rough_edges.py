@@ -201,6 +201,18 @@ def test_train_arch_and_data_list_their_choices(capsys):
     assert resolve(overrides=flags_to_overrides(args, TRAIN_FLAGS)).data.labels == "none"
 
 
+def test_building_the_parser_does_not_import_torch():
+    """--arch/--data list their choices lazily: ``deepcluster --version`` stays quick."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from deepcluster.cli import build_parser; p = build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "p.parse_args(['train', '--arch', 'vgg16']); assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
 def test_version_and_viz_filters_flags(capsys):
     import deepcluster
 

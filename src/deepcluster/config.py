@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
 
 
+LABELS = ("folders", "none")
+"""``data.labels``: ``folders`` (an ImageFolder tree's class sub-folders, a torchvision
+set's classes) or ``none`` (no labels: sub-folders are only where the images are kept)."""
+
+
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
@@ -371,7 +376,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),
         (cfg.data.image_size is None or cfg.data.image_size >= 16,
          f"data.image_size must be >= 16 (or omitted: per data set), got {cfg.data.image_size}"),
-        (cfg.data.labels in ("folders", "none"), f"data.labels must be folders or none, got {cfg.data.labels!r}"),
+        (cfg.data.labels in LABELS, f"data.labels must be {' or '.join(LABELS)}, got {cfg.data.labels!r}"),
         (cfg.model.fc_dim is None or cfg.model.fc_dim >= 1,
          f"model.fc_dim must be >= 1 (or omitted: per architecture), got {cfg.model.fc_dim}"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),

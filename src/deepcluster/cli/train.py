@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, Config, resolve
+from ..config import LABELS, PRESETS, Config, resolve
 
 logger = logging.getLogger("deepcluster")
 
@@ -88,12 +89,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _data_and_model_flags(p: argparse.ArgumentParser) -> None:
-    from ..data import DATASETS, LABELS
+class LazyChoices(Sequence):
+    """The list ``fn()`` returns, computed on first use: ``choices=`` of a flag whose list
+    lives in a module that imports torch (seconds), so that building the parser (every
+    ``deepcluster`` command, ``--version``) does not import it."""
+
+    def __init__(self, fn: Callable[[], Sequence[str]]) -> None:
+        self._fn, self._items = fn, None
+
+    def _get(self) -> list[str]:
+        if self._items is None:
+            self._items = list(self._fn())
+        return self._items
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _datasets() -> Sequence[str]:
+    from ..data import DATASETS
+
+    return DATASETS
+
+
+def _models() -> list[str]:
     from ..models import list_models
 
+    return list_models()
+
+
+def _data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATASETS, help="the data set (folder: --data-root, a folder of images)")
+    g.add_argument("--data", choices=LazyChoices(_datasets), help="the data set (folder: --data-root, a folder of images)")
     g.add_argument("--data-root", help="folder of the data set's files (required for folder/cifar10/stl10)")
     g.add_argument("--split", help="split to train on: train or test (stl10 also unlabeled, train+unlabeled); "
                    "ignored for a folder")
@@ -104,7 +134,7 @@ def _data_and_model_flags(p: argparse.ArgumentParser) -> None:
                    "Fashion-MNIST; for a folder the median shorter side of its images, within 28..224)")
     g.add_argument("--subset", type=int, help="use a fixed random subset of this many images (quick runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list_models(), help="alexnet_small: 28-64 px; alexnet, vgg16: 224 px")
+    g.add_argument("--arch", choices=LazyChoices(_models), help="alexnet_small: 28-64 px; alexnet, vgg16: 224 px")
     g.add_argument("--no-sobel", dest="sobel", action="store_const", const=False, help="feed raw RGB instead of Sobel")
     g.add_argument("--width", type=float, help="alexnet_small channel multiplier (default 0.5)")
     g.add_argument("--fc-dim", type=int, help="width of fc6/fc7, >= 1 (default 4096 for alexnet/vgg16, 1024 for "

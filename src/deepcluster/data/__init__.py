@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import LABELS, DataConfig
 from .manifest import Manifest, ManifestDiff, ManifestError, diff
 from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
 from .scan import display_path, list_images, parse_display_path, walk_images
@@ -67,11 +67,6 @@ SPLITS: dict[str, tuple[str, ...] | None] = {
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"), "folder": None,
 }
 """The splits of each data set (``None``: a folder has one, its images; ``split`` is ignored)."""
-
-LABELS = ("folders", "none")
-"""``data.labels``: ``folders`` (an ImageFolder tree's class sub-folders, a torchvision
-set's classes) or ``none`` (no labels: sub-folders are only where the images are kept)."""
-
 
 def build_source(name: str, root: str | None = None, split: str = "train", download: bool = True,
                  max_bad_fraction: float = 0.5, labels: str = "folders") -> ImageSource:

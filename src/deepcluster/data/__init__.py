@@ -68,6 +68,7 @@ SPLITS: dict[str, tuple[str, ...] | None] = {
 }
 """The splits of each data set (``None``: a folder has one, its images; ``split`` is ignored)."""
 
+
 def build_source(name: str, root: str | None = None, split: str = "train", download: bool = True,
                  max_bad_fraction: float = 0.5, labels: str = "folders") -> ImageSource:
     """The images of data set ``name`` (one of ``DATASETS``) for ``split``.

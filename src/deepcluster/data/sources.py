@@ -132,11 +132,10 @@ def _torchvision_mnist_root(idx_dir: Path, folder_name: str) -> Path:
 
 
 # Where torchvision reads each downloadable set (ROOT is --data-root), for the not-found message.
+_IDX_LAYOUT = f"the four IDX files ({', '.join(_MNIST_FILES)}; plain or .gz) in ROOT, ROOT/raw or ROOT/{{}}/raw"
 LAYOUTS = {
-    "fashion-mnist": "the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                     "t10k-labels-idx1-ubyte; plain or .gz) in ROOT, ROOT/raw or ROOT/FashionMNIST/raw",
-    "mnist": "the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-             "t10k-labels-idx1-ubyte; plain or .gz) in ROOT, ROOT/raw or ROOT/MNIST/raw",
+    "fashion-mnist": _IDX_LAYOUT.format("FashionMNIST") + " (or Debian's dataset-fashion-mnist package installed)",
+    "mnist": _IDX_LAYOUT.format("MNIST"),
     "cifar10": "ROOT/cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta "
                "(torchvision's layout: the extracted cifar-10-python.tar.gz)",
     "stl10": "ROOT/stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin and "
@@ -166,7 +165,8 @@ def not_found_error(name: str, where: str, download: bool, cause: BaseException 
         tried = f"a download was attempted and failed ({_download_cause(cause)})" if cause is not None else \
             "a download was attempted"
     else:
-        tried = "no download was attempted (downloads are off: data.download is false)"
+        tried = ("no download was attempted (downloads are off here; `deepcluster train` downloads unless "
+                 "data.download is false)")
     return DataError(f"{name} not found under {where}: expected {LAYOUTS[name]}; {tried}")
 
 

@@ -67,9 +67,9 @@ class ConfigDefaultsFormatter(argparse.HelpFormatter):
         default = _config_value(section, key, "paper")
         if default is None:
             return text
-        shown = [f"default: {_show(default, action)}"]
-        shown += [f"{name}: {_show(_config_value(section, key, name), action)}" for name in sorted(PRESETS)
-                  if name != "paper" and _config_value(section, key, name) != _config_value(section, key, "paper")]
+        paper = _show(default, action)
+        others = {name: _show(_config_value(section, key, name), action) for name in sorted(PRESETS) if name != "paper"}
+        shown = [f"default: {paper}"] + [f"{name}: {value}" for name, value in others.items() if value != paper]
         return f"{text} ({'; '.join(shown)})".lstrip()
 
 

@@ -162,6 +162,16 @@ def finished_epochs(run: Path) -> int:
     return len(m.read_text().splitlines()) if m.exists() else 0
 
 
+def eval_result(run: Path, protocol: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The result ``deepcluster eval`` wrote for ``protocol`` with :func:`evaluate`'s subsets."""
+    from deepcluster.config import load_yaml
+    from deepcluster.eval.context import result_name
+
+    name = result_name(protocol, load_yaml(run / "config.yaml")["data"]["name"],
+                       subset=args.eval_subset or None, test_subset=args.test_subset or None)
+    return json.loads((run / "eval" / f"{name}.json").read_text())
+
+
 def evaluate(run: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     dc = [sys.executable, "-m", "deepcluster", "eval"]
     common = ["--checkpoint", str(run), "--workers", "0", "--threads", str(args.threads)]
@@ -171,15 +181,13 @@ def evaluate(run: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
         common += ["--test-subset", str(args.test_subset)]
     t = run_cmd(dc + ["clusters", *common], log, args.threads)
     t += run_cmd(dc + ["knn", *common], log, args.threads)
-    clusters = json.loads((run / "eval" / "clusters.json").read_text())
-    knn = json.loads((run / "eval" / "knn.json").read_text())
+    clusters, knn = eval_result(run, "clusters", args), eval_result(run, "knn", args)
     out = {"feature": clusters["feature"], "nmi": clusters["metrics"]["nmi"], "acc": clusters["metrics"]["acc"],
            "ari": clusters["metrics"]["ari"], "knn": knn["metrics"]["knn"]}
     if clusters["feature"] != "backbone":  # the conv stack's output too: what fc6 reads
         t += run_cmd(dc + ["clusters", *common, "--feature", "backbone"], log, args.threads)
         t += run_cmd(dc + ["knn", *common, "--feature", "backbone"], log, args.threads)
-        clusters = json.loads((run / "eval" / "clusters-backbone.json").read_text())
-        knn = json.loads((run / "eval" / "knn-backbone.json").read_text())
+        clusters, knn = eval_result(run, "clusters-backbone", args), eval_result(run, "knn-backbone", args)
     out.update({"nmi_backbone": clusters["metrics"]["nmi"], "acc_backbone": clusters["metrics"]["acc"],
                 "knn_backbone": knn["metrics"]["knn"], "eval_s": t})
     return out

@@ -202,13 +202,13 @@ def _field(result: dict[str, Any], key: str) -> Any:
 
 
 def previous_result(ctx, name: str, expect: dict[str, Any], fresh: bool) -> dict[str, Any] | None:
-    """``RUN/eval/<name>.json`` from an earlier benchmark, if it measured exactly this.
+    """``RUN/eval/<name>.json`` (keyed by subsets: ``EvalContext.result_path``) from an earlier benchmark, if it measured exactly this.
 
     It must name the same checkpoint (path and epoch), the same images (``data`` facts:
     subsets, splits, seed) and the same protocol settings (``expect``), and be newer than
     the checkpoint file; otherwise the protocol runs again.
     """
-    path = ctx.results_dir / f"{name}.json"
+    path = ctx.result_path(name)
     if fresh or not path.exists():
         return None
     try:

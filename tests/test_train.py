@@ -91,8 +91,9 @@ def run_cli(*args):
 
 
 def test_cli_errors_are_one_line(tiny_mnist_root, tmp_path):
+    (tmp_path / "resnet.yaml").write_text("model:\n  arch: resnet\n")  # --arch itself offers only the registered
     for args, needle in [
-        (["--arch", "resnet"], "unknown architecture 'resnet'"),
+        (["--config", str(tmp_path / "resnet.yaml")], "unknown architecture 'resnet'"),
         (["--k", "1000"], "larger than the number of images"),
         (["--data", "folder", "--data-root", str(tmp_path / "nothing")], "does not exist"),
         (["--config", str(tmp_path / "missing.yaml")], "does not exist"),

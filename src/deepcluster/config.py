@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
 
 
+LABELS = ("folders", "none")
+"""``data.labels``: ``folders`` (an ImageFolder tree's class sub-folders, a torchvision
+set's classes) or ``none`` (no labels: sub-folders are only where the images are kept)."""
+
+
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
@@ -32,7 +37,8 @@ class DataConfig:
     root: str | None = None
     """Where the data set's files are (required for folder, cifar10, stl10)."""
     split: str = "train"
-    """Split clustered and trained on (stl10: train, unlabeled, train+unlabeled)."""
+    """Split clustered and trained on: train or test (stl10 also unlabeled, train+unlabeled);
+    a folder has no splits (ignored)."""
     image_size: int | None = None
     """Side of the square network input; default per data set (28 for (Fashion-)MNIST)."""
     subset: int | None = None
@@ -41,6 +47,10 @@ class DataConfig:
     """Allow torchvision's download when the files are nowhere on disk."""
     max_bad_fraction: float = 0.5
     """A folder with more unreadable images than this fraction is an error."""
+    labels: str = "folders"
+    """folders: an ImageFolder tree's class sub-folders are its labels (used only for
+    analysis: NMI vs labels, evaluations); none: the images have no labels (sub-folders
+    such as photos/2019-01 are only where they are kept)."""
 
 
 @dataclass
@@ -364,6 +374,11 @@ def validate(cfg: Config) -> None:
         (cfg.run.dist_timeout > 0, "run.dist_timeout must be > 0 seconds"),
         (cfg.run.device.split(":")[0] in ("cpu", "cuda"), f"run.device must be cpu or cuda, got {cfg.run.device!r}"),
         (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 16,
+         f"data.image_size must be >= 16 (or omitted: per data set), got {cfg.data.image_size}"),
+        (cfg.data.labels in LABELS, f"data.labels must be {' or '.join(LABELS)}, got {cfg.data.labels!r}"),
+        (cfg.model.fc_dim is None or cfg.model.fc_dim >= 1,
+         f"model.fc_dim must be >= 1 (or omitted: per architecture), got {cfg.model.fc_dim}"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
     ]
     for ok, msg in checks:
@@ -373,6 +388,8 @@ def validate(cfg: Config) -> None:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; expected a YAML file (e.g. {p / 'config.yaml'})")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:

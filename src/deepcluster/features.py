@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .clustering import PCAWhitening, StreamingPCA, resolve_pca_sample, sample_indices
-from .distributed import all_reduce_sum, gather_by_index, is_distributed, is_main_process, shard_indices
-from .runtime import autocast, to_device
+from .distributed import all_reduce_sum, gather_by_index, is_distributed, shard_indices
+from .runtime import autocast, progress, to_device
 
 Forward = Callable[[torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
 
@@ -71,7 +70,7 @@ def iter_features(forward: Forward, loader, device: torch.device | str = "cpu", 
         loader: yields ``(images, indices, *extra)``; ``extra`` is passed through.
     """
     device = torch.device(device)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if is_main_process() else True):
+    for batch in progress(loader, desc):
         images, idx = batch[0], batch[1]
         with autocast(device, amp):
             out = forward(to_device(images, device, channels_last))

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .config import Config
-from .distributed import all_reduce_sum, collective_errors, is_main_process
+from .distributed import all_reduce_sum, collective_errors
 from .models import DeepClusterNet
-from .runtime import autocast, to_device
+from .runtime import autocast, progress, to_device
 
 
 class TrainingError(RuntimeError):
@@ -85,8 +84,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, pseudo_labels: torch.T
     weights = None if class_weights is None else class_weights.to(device)
     total, count = 0.0, 0
     t0 = time.perf_counter()
-    for step, (images, idx) in enumerate(tqdm(loader, desc=f"train {epoch}", leave=False,
-                                              disable=None if is_main_process() else True)):
+    for step, (images, idx) in enumerate(progress(loader, f"train {epoch}")):
         targets = pseudo_labels[idx]
         if images.ndim == 5:  # (B, views, C, H, W): every view of an image gets its pseudo-label
             targets = targets.repeat_interleave(images.shape[1], 0)

@@ -241,9 +241,9 @@ def _log_start(s: Session, saved_cfg: Config) -> None:
                     "nccl" if s.device.type == "cuda" else "gloo", cfg.optim.batch_size)
     clustering = (f"k-means k={cfg.cluster.k}" if cfg.cluster.method == "kmeans" else
                   f"PIC sigma={cfg.cluster.pic_sigma:g}, {cfg.cluster.pic_neighbors} neighbours")
-    logger.info("DeepCluster %s: %s at %d px on %d images (%s, %s), epochs %d..%d, device %s", __version__,
+    logger.info("DeepCluster %s: %s at %d px on %d images (%s, %s), epochs %d..%d, device %s%s", __version__,
                 cfg.model.arch, s.meta["image_size"], len(s.cluster_ds), cfg.data.name, clustering, s.start_epoch,
-                cfg.optim.epochs - 1, s.device)
+                cfg.optim.epochs - 1, s.device, s.cluster_ds.source.label_note)
     if saved_cfg.run.amp == "auto":
         logger.info("--amp auto: %s on this %s", "bf16" if cfg.run.amp == "bf16" else "float32 (no native bfloat16)",
                     s.device.type.upper())

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .. import __version__
 from ..config import ConfigError
 
 logger = logging.getLogger("deepcluster")
@@ -31,6 +32,7 @@ def add_epoch_flag(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepcluster", description="DeepCluster: unsupervised convnet features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         if importlib.util.find_spec(f"{__name__}.{name}") is None:

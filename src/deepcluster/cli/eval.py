@@ -68,7 +68,8 @@ def _common(p: argparse.ArgumentParser, pixels: bool) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (linear, mlp, knn, clusters, finetune)",
                        description="The paper's evaluation protocols. Each writes eval/<protocol>.json next to the "
-                                   "checkpoint. See docs/EVALUATION.md.")
+                                   "checkpoint (on another data set, split or subset: eval/<protocol>--<data>-<split>"
+                                   "[-sub<N>][-testsub<M>].json). See docs/EVALUATION.md.")
     ps = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
 
     q = ps.add_parser("linear", help="linear probes on frozen conv layers (Zhang et al. protocol)")

@@ -6,17 +6,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, merge, resolve
+from ..config import LABELS, PRESETS, Config, merge, resolve
 
 logger = logging.getLogger("deepcluster")
 
 # flag -> (section, key); a flag left at None does not override the file/preset.
 TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "data": ("data", "name"), "data_root": ("data", "root"), "split": ("data", "split"),
-    "image_size": ("data", "image_size"), "subset": ("data", "subset"),
+    "image_size": ("data", "image_size"), "subset": ("data", "subset"), "labels": ("data", "labels"),
     "arch": ("model", "arch"), "sobel": ("model", "sobel"), "width": ("model", "width"), "fc_dim": ("model", "fc_dim"),
     "projection_dim": ("model", "projection_dim"),
     "clustering": ("cluster", "method"), "k": ("cluster", "k"), "pca_dim": ("cluster", "pca_dim"),
@@ -38,11 +39,47 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+def _config_value(section: str, key: str, preset: str) -> Any:
+    """The value of ``section.key`` under ``preset`` (the defaults with its overrides)."""
+    return PRESETS[preset].get(section, {}).get(key, getattr(getattr(Config(), section), key))
+
+
+def _show(value: Any, action: argparse.Action) -> str:
+    """A config value as ``--help`` prints it: on/off for switches, ``g`` format for numbers."""
+    if isinstance(action, argparse._StoreConstAction):
+        return "on" if value == action.const else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_show(v, action) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class ConfigDefaultsFormatter(argparse.HelpFormatter):
+    """Appends to each flag of :data:`TRAIN_FLAGS` its default from the config dataclasses
+    (preset ``paper``), and each other preset's value where it differs, e.g.
+    ``(default: 5; small-images: 48)``. The flags themselves default to ``None`` so that a
+    config file and a preset apply; a ``None`` default (automatic) is explained by the help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.dest not in TRAIN_FLAGS:
+            return text
+        section, key = TRAIN_FLAGS[action.dest]
+        default = _config_value(section, key, "paper")
+        if default is None:
+            return text
+        paper = _show(default, action)
+        others = {name: _show(_config_value(section, key, name), action) for name in sorted(PRESETS) if name != "paper"}
+        shown = [f"default: {paper}"] + [f"{name}: {value}" for name, value in others.items() if value != paper]
+        return f"{text} ({'; '.join(shown)})".lstrip()
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train DeepCluster", description="Train DeepCluster: alternate k-means on the "
-                       "network's features and training on the cluster assignments.")
+                       "network's features and training on the cluster assignments. The defaults shown are the paper's "
+                       "settings (--preset paper) and where another preset differs, its value.",
+                       formatter_class=ConfigDefaultsFormatter)
     p.add_argument("--config", help="YAML file with sections data/model/cluster/optim/run (flags override it)")
-    p.add_argument("--preset", choices=sorted(PRESETS), 
+    p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named set of defaults: paper (the paper's settings, default) or small-images "
                         "(experiments/ABLATION.md)")
     _data_and_model_flags(p)
@@ -52,95 +89,134 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+class LazyChoices(Sequence):
+    """The list ``fn()`` returns, computed on first use: ``choices=`` of a flag whose list
+    lives in a module that imports torch (seconds), so that building the parser (every
+    ``deepcluster`` command, ``--version``) does not import it."""
+
+    def __init__(self, fn: Callable[[], Sequence[str]]) -> None:
+        self._fn, self._items = fn, None
+
+    def _get(self) -> list[str]:
+        if self._items is None:
+            self._items = list(self._fn())
+        return self._items
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _datasets() -> Sequence[str]:
+    from ..data import DATASETS
+
+    return DATASETS
+
+
+def _models() -> list[str]:
+    from ..models import list_models
+
+    return list_models()
+
+
 def _data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="fashion-mnist (default), mnist, cifar10, stl10 or folder")
+    g.add_argument("--data", choices=LazyChoices(_datasets), help="the data set (folder: --data-root, a folder of images)")
     g.add_argument("--data-root", help="folder of the data set's files (required for folder/cifar10/stl10)")
-    g.add_argument("--split", help="split to train on (stl10: train, unlabeled, train+unlabeled)")
-    g.add_argument("--image-size", type=int, help="network input side (default per data set: 28 for Fashion-MNIST; for a "
-                   "folder the median shorter side of its images, within 28..224)")
+    g.add_argument("--split", help="split to train on: train or test (stl10 also unlabeled, train+unlabeled); "
+                   "ignored for a folder")
+    g.add_argument("--labels", choices=LABELS, help="folders: an ImageFolder tree's class sub-folders are its labels "
+                   "(analysis only: NMI vs labels, evaluations); none: no labels, sub-folders such as photos/2019-01 "
+                   "are only where the images are kept")
+    g.add_argument("--image-size", type=int, help="network input side, >= 16 (default per data set: 28 for "
+                   "Fashion-MNIST; for a folder the median shorter side of its images, within 28..224)")
     g.add_argument("--subset", type=int, help="use a fixed random subset of this many images (quick runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="alexnet_small (default, 28-64 px), alexnet (224 px) or vgg16")
+    g.add_argument("--arch", choices=LazyChoices(_models), help="alexnet_small: 28-64 px; alexnet, vgg16: 224 px")
     g.add_argument("--no-sobel", dest="sobel", action="store_const", const=False, help="feed raw RGB instead of Sobel")
     g.add_argument("--width", type=float, help="alexnet_small channel multiplier (default 0.5)")
-    g.add_argument("--fc-dim", type=int, help="width of fc6/fc7")
-    g.add_argument("--dropout", type=float, help="dropout before fc6 and fc7 (paper: 0.5)")
+    g.add_argument("--fc-dim", type=int, help="width of fc6/fc7, >= 1 (default 4096 for alexnet/vgg16, 1024 for "
+                   "alexnet_small)")
+    g.add_argument("--dropout", type=float, help="dropout before fc6 and fc7")
     g.add_argument("--projection-dim", type=int,
-                   help="width of the L2-normalised projection of --cluster-feature projection (default 128)")
+                   help="width of the L2-normalised projection of --cluster-feature projection")
 
 
 def _clustering_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clustering")
-    g.add_argument("--clustering", choices=["kmeans", "pic"], help="kmeans (default) or pic")
+    g.add_argument("--clustering", choices=["kmeans", "pic"], help="k-means or Power Iteration Clustering")
     g.add_argument("--k", type=int, help="number of clusters; some over-segmentation helps (paper: 10k on ImageNet)")
-    g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering (default 256)")
+    g.add_argument("--pca-dim", type=int, help="PCA dimension before clustering")
     g.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
                    help="PCA without whitening (paper: whitened)")
     g.add_argument("--whiten-eps", type=float,
                    help="regularised whitening: components divided by sqrt(eigenvalue + EPS x the largest); "
-                        "default 1e-6 (full whitening, as the paper); larger values keep weak directions damped")
+                        "1e-6 whitens fully (paper); larger values keep weak directions damped")
     g.add_argument("--cluster-feature", choices=["fc7", "backbone", "projection"],
                    help="what is clustered: fc7 (paper), backbone (the conv stack output, fc6's input) or "
                         "projection (DeepCluster-v2: a trained linear projection of ReLU(fc7), L2-normalised, "
                         "read by the head)")
     g.add_argument("--kmeans", choices=["faiss", "faiss-gpu", "torch"], help="k-means backend")
-    g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations (default 20)")
+    g.add_argument("--kmeans-iters", type=int, help="Lloyd iterations")
     g.add_argument("--clusterings", type=int, help="k-means runs per epoch (own seed, own new head each; the loss "
-                   "averages the heads: DeepCluster-v2). Default 1 (paper)")
+                   "averages the heads: DeepCluster-v2)")
     g.add_argument("--pca-sample", type=int, help="images used to fit the PCA (default: all when N x fc_dim floats "
                    "fit in 1 GB, else max(20 x fc_dim, 50000)); the rest are projected batch by batch")
     g.add_argument("--feature-dtype", choices=["float32", "float16"],
                    help="storage of the N x pca_dim features before k-means (float16 halves it)")
-    g.add_argument("--pic-sigma", type=float, help="PIC Gaussian bandwidth (default 0.2)")
+    g.add_argument("--pic-sigma", type=float, help="PIC Gaussian bandwidth")
     g.add_argument("--bn", choices=["running", "recompute"],
-                   help="batch-norm statistics of the features clustered: running (default) or recomputed each "
+                   help="batch-norm statistics of the features clustered: running (accumulated in training) or recomputed each "
                         "epoch on the un-augmented views of up to 10,000 images")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float, help="SGD learning rate (paper: 0.05, constant)")
+    g.add_argument("--epochs", type=int, help="epochs, each one clustering and one pass of training (paper: 500 "
+                   "on ImageNet)")
+    g.add_argument("--batch-size", type=int, help="images per SGD step (summed over processes under torchrun)")
+    g.add_argument("--lr", type=float, help="SGD learning rate (constant unless --lr-schedule cosine)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (paper) or cosine decay over the epochs, one value per epoch")
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, help="SGD weight decay (L2 penalty)")
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="area range of the random resized crop (paper: 0.08 1)")
+                   help="area range of the random resized crop")
     g.add_argument("--no-hflip", dest="hflip", action="store_const", const=False, help="no random horizontal flips")
     g.add_argument("--affine", type=float, help="random affine warp strength (0 off; 1: 15 deg, 10%% shift, 10 deg shear)")
     g.add_argument("--erasing", type=float, help="random erasing probability (0 off)")
     g.add_argument("--jitter", type=float, help="colour-jitter strength (0 off; 1: brightness/contrast/saturation "
                    "+-40%%, applied with probability 0.8)")
     g.add_argument("--crops", type=int, help="augmented views of each image per step, all on its pseudo-label "
-                   "(multi-crop at one resolution; default 1)")
+                   "(multi-crop at one resolution)")
     g.add_argument("--blur", type=float, help="Gaussian-blur probability (0 off; kernel about 10%% of the side)")
     g.add_argument("--head", choices=["random", "matched", "centroids"],
                    help="classifier trained each epoch: a new random linear layer (paper), the previous epoch's "
                         "with its rows moved to the matching new clusters, or the k-means centroids, fixed "
                         "(DeepCluster-v2)")
     g.add_argument("--temperature", type=float, help="softmax temperature of --head centroids and of the random "
-                   "head on a projection (default 0.1)")
+                   "head on a projection")
     g.add_argument("--balance", choices=["sampler", "weight", "none"],
-                   help="against trivial parametrisation: uniform sampling over clusters (default) or loss weights")
+                   help="against trivial parametrisation: uniform sampling over clusters (paper), loss weights or none")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", help="run directory (config.yaml, metrics.jsonl, checkpoint.pt, ...)")
     g.add_argument("--device", help="cpu or cuda")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--workers", type=int, help="data-loading worker processes (default 2)")
+    g.add_argument("--seed", type=int, help="every epoch's randomness (clustering, sampling, augmentation) derives "
+                   "from (seed, epoch)")
+    g.add_argument("--workers", type=int, help="data-loading worker processes")
     g.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels: exact resume")
     g.add_argument("--resume", action="store_const", const=True,
                    help="continue the run in --output-dir (its config.yaml is the base; flags override it)")
     g.add_argument("--eval-every", type=int, help="kNN probe on a held-out part every N epochs; the best epoch by it "
                    "is kept as best.pt (labelled data sets only)")
     g.add_argument("--keep-every", type=int, help="keep checkpoint-epochE.pt every N epochs beside checkpoint.pt "
-                   "(for eval/report/export/assign --epoch E; default 0: none)")
-    g.add_argument("--keep-last", type=int, help="keep at most the M newest checkpoint-epochE.pt (default 0: all)")
+                   "(for eval/report/export/assign --epoch E; 0: none)")
+    g.add_argument("--keep-last", type=int, help="keep at most the M newest checkpoint-epochE.pt (0: all)")
     g.add_argument("--tensorboard", action="store_const", const=True, help="write TensorBoard scalars and images")
     g = p.add_argument_group("scale-out (launch with torchrun --nproc-per-node G -m deepcluster train ...)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"],
@@ -151,7 +227,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-bn", action="store_const", const=True,
                    help="synchronise batch-norm statistics across GPUs (CUDA only; helps with small per-GPU batches)")
     g.add_argument("--dist-timeout", type=float,
-                   help="seconds a collective waits for the other ranks before failing (default 1800)")
+                   help="seconds a collective waits for the other ranks before failing")
 
 
 def flags_to_overrides(args: argparse.Namespace, table: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:

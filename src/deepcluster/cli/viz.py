@@ -25,11 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Draw one of the report's figures for a run and write PNG files.")
     figs = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
 
-    def common(q: argparse.ArgumentParser) -> None:
+    def common(q: argparse.ArgumentParser, computes: bool = True) -> None:
+        """RUN and --out; with ``computes`` (a figure with random choices or a forward
+        pass) also --seed and --device."""
         q.add_argument("run", metavar="RUN", help="a run directory (or its checkpoint.pt)")
         q.add_argument("--out", help="output folder (default RUN_DIR/viz)")
-        q.add_argument("--seed", type=int, default=0, help="seed of the random choices")
-        q.add_argument("--device", default="cpu", help="cpu or cuda")
+        if computes:
+            q.add_argument("--seed", type=int, default=0, help="seed of the random choices")
+            q.add_argument("--device", default="cpu", help="cpu or cuda")
 
     def sampled(q: argparse.ArgumentParser) -> None:
         q.add_argument("--sample", type=int, default=5000, help="random images searched (default 5000)")
@@ -44,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_curves)
 
     q = figs.add_parser("filters", help="first-layer filters as an image grid")
-    common(q)
+    common(q, computes=False)  # the weights as they are: nothing random, nothing computed
     q.set_defaults(func=cmd_filters)
 
     q = figs.add_parser("top-images", help="top-activating images of filters of a layer")
@@ -92,7 +95,7 @@ def _out(args: argparse.Namespace) -> Path:
 def _load(args: argparse.Namespace):
     from ..rundir import Run
 
-    return Run.load(args.run, device=args.device)
+    return Run.load(args.run, device=getattr(args, "device", "cpu"))
 
 
 def _done(paths: list[Path]) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import LABELS, DataConfig
 from .manifest import Manifest, ManifestDiff, ManifestError, diff
 from .sampler import ClusterBalancedSampler, balanced_plan, inverse_size_weights
 from .scan import display_path, list_images, parse_display_path, walk_images
@@ -62,24 +62,56 @@ def folder_image_size(source: ImageSource, sample: int = 256) -> int:
     return int(min(224, max(28, round(float(np.median(sides))))))
 
 
+SPLITS: dict[str, tuple[str, ...] | None] = {
+    "fashion-mnist": ("train", "test"), "mnist": ("train", "test"), "cifar10": ("train", "test"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"), "folder": None,
+}
+"""The splits of each data set (``None``: a folder has one, its images; ``split`` is ignored)."""
+
+
 def build_source(name: str, root: str | None = None, split: str = "train", download: bool = True,
-                 max_bad_fraction: float = 0.5) -> ImageSource:
+                 max_bad_fraction: float = 0.5, labels: str = "folders") -> ImageSource:
     """The images of data set ``name`` (one of ``DATASETS``) for ``split``.
 
-    ``split`` is ``train`` or ``test`` (``stl10`` also ``unlabeled`` and
-    ``train+unlabeled``); ``folder`` ignores it and reads ``root``.
+    ``split`` is one of ``SPLITS[name]`` (``train`` or ``test``; ``stl10`` also
+    ``unlabeled`` and ``train+unlabeled``); ``folder`` ignores it and reads ``root``.
+    ``labels`` is one of :data:`LABELS`; with ``none`` the source has no labels.
+
+    Raises:
+        DataError: unknown data set, split or labels setting (one line naming the valid
+            ones), or the images cannot be found.
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {list(DATASETS)}")
+    if labels not in LABELS:
+        raise DataError(f"unknown labels setting {labels!r}; choose one of {list(LABELS)}")
+    splits = SPLITS[name]
+    if splits is not None and split not in splits:
+        raise DataError(f"{name} has no split {split!r}; valid splits: {', '.join(splits)}")
     if name in ("fashion-mnist", "mnist"):
-        return mnist_like(name, root, split == "train", download)
-    if name == "cifar10":
-        return cifar10(root, split == "train", download)
-    if name == "stl10":
-        return stl10(root, split, download)
-    if not root:
+        source: ImageSource = mnist_like(name, root, split == "train", download)
+    elif name == "cifar10":
+        source = cifar10(root, split == "train", download)
+    elif name == "stl10":
+        source = stl10(root, split, download)
+    elif not root:
         raise DataError("--data folder needs --data-root DIR, the folder of images")
-    return FolderSource(root, max_bad_fraction=max_bad_fraction)
+    else:
+        source = FolderSource(root, max_bad_fraction=max_bad_fraction)
+    _apply_labels(source, labels)
+    return source
+
+
+def _apply_labels(source: ImageSource, labels: str) -> None:
+    """Drop the labels of ``source`` for ``labels == "none"``; set its ``label_note``."""
+    folder = isinstance(source, FolderSource)
+    if labels == "none":
+        source.labels, source.classes = None, None
+        source.label_note = ("; folder names not used as labels (--labels none)" if folder
+                             else "; labels not used (--labels none)")
+    elif folder:
+        source.label_note = ("; folder names used as labels (analysis only: NMI vs labels; --labels none if they "
+                             "are not classes)" if source.labels is not None else "; no labels (no class sub-folders)")
 
 
 def subset_indices(n: int, subset: int | None, seed: int) -> np.ndarray | None:
@@ -99,7 +131,7 @@ def training_source(data: DataConfig, seed: int, download: bool | None = None) -
     ``source.indices[i]`` of the split).
     """
     source = build_source(data.name, data.root, data.split, data.download if download is None else download,
-                          data.max_bad_fraction)
+                          data.max_bad_fraction, data.labels)
     idx = subset_indices(len(source), data.subset, seed)
     return source if idx is None else Subset(source, idx)
 
@@ -151,6 +183,7 @@ class Subset(ImageSource):
         self.labels = None if source.labels is None else source.labels[self.indices]
         self.paths = None if source.paths is None else [source.paths[i] for i in self.indices]
         self.classes = source.classes
+        self.label_note = source.label_note
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -160,7 +193,7 @@ class Subset(ImageSource):
 
 
 __all__ = [
-    "DATASETS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
+    "DATASETS", "LABELS", "SPLITS", "ClusterBalancedSampler", "DataError", "FolderSource", "ImageSource", "ImageSpec",
     "IndexedDataset", "LabelledDataset", "Manifest", "ManifestDiff", "ManifestError", "MultiView", "Subset",
     "TorchvisionSource", "IMAGENET_MEAN", "IMAGENET_STD", "balanced_plan", "build_source", "cluster_transform", "diff",
     "display_path", "folder_image_size", "image_spec", "inverse_size_weights", "list_images", "parse_display_path", "subset_indices",

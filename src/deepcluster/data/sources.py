@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -40,6 +41,9 @@ class ImageSource:
     labels: np.ndarray | None = None
     paths: list[str] | None = None
     classes: list[str] | None = None
+    label_note: str = ""
+    """What the labels are, as a clause of the run's first log line (``"; folder names
+    used as labels ..."``; empty when nothing needs saying). Set by ``build_source``."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -127,8 +131,52 @@ def _torchvision_mnist_root(idx_dir: Path, folder_name: str) -> Path:
     return root
 
 
+# Where torchvision reads each downloadable set (ROOT is --data-root), for the not-found message.
+_IDX_LAYOUT = f"the four IDX files ({', '.join(_MNIST_FILES)}; plain or .gz) in ROOT, ROOT/raw or ROOT/{{}}/raw"
+LAYOUTS = {
+    "fashion-mnist": _IDX_LAYOUT.format("FashionMNIST") + " (or Debian's dataset-fashion-mnist package installed)",
+    "mnist": _IDX_LAYOUT.format("MNIST"),
+    "cifar10": "ROOT/cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta "
+               "(torchvision's layout: the extracted cifar-10-python.tar.gz)",
+    "stl10": "ROOT/stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin and "
+             "class_names.txt (torchvision's layout: the extracted stl10_binary.tar.gz)",
+}
+
+
+def _download_cause(e: BaseException) -> str:
+    """Why a download failed, in one line: the URL error's reason where there is one
+    (torchvision's MNIST wraps it in a several-line ``RuntimeError``), else the first line."""
+    import urllib.error
+
+    if isinstance(e, urllib.error.URLError):
+        return f"{type(e).__name__}: {e.reason}"
+    text = str(e)
+    m = re.search(r"<urlopen error ([^>]*)>", text)
+    if m:
+        return f"URLError: {m.group(1)}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def not_found_error(name: str, where: str, download: bool, cause: BaseException | None = None) -> DataError:
+    """The one-line error for data set ``name`` missing under ``where``: what is expected
+    there (:data:`LAYOUTS`) and whether a download was attempted (and why it failed)."""
+    if download:
+        tried = f"a download was attempted and failed ({_download_cause(cause)})" if cause is not None else \
+            "a download was attempted"
+    else:
+        tried = ("no download was attempted (downloads are off here; `deepcluster train` downloads unless "
+                 "data.download is false)")
+    return DataError(f"{name} not found under {where}: expected {LAYOUTS[name]}; {tried}")
+
+
 def mnist_like(name: str, root: str | None, train: bool, download: bool) -> TorchvisionSource:
-    """Fashion-MNIST or MNIST from ``root``, then Debian's package, then a download."""
+    """Fashion-MNIST or MNIST from ``root``, then Debian's package, then a download.
+
+    Raises:
+        DataError: the files are nowhere and the download is off or failed (one line:
+            where they were looked for, the layout expected, the download's fate).
+    """
     from torchvision import datasets
 
     cls, folder = {"fashion-mnist": (datasets.FashionMNIST, "FashionMNIST"), "mnist": (datasets.MNIST, "MNIST")}[name]
@@ -136,37 +184,39 @@ def mnist_like(name: str, root: str | None, train: bool, download: bool) -> Torc
     if name == "fashion-mnist":
         candidates.append(DEBIAN_FASHION_MNIST)
     idx_dir = _find_idx_dir(candidates, folder)
+    where = " or ".join(str(c) for c in candidates) or "any data root (no --data-root given)"
     if idx_dir is not None:
         ds = cls(str(_torchvision_mnist_root(idx_dir, folder)), train=train, download=False)
     elif download:
         target = Path(root) if root else _cache_dir() / "torchvision"
-        logger.info("%s not found locally; downloading to %s", name, target)
+        logger.info("%s not found under %s; downloading to %s", name, where, target)
         try:
             ds = cls(str(target), train=train, download=True)
         except Exception as e:  # noqa: BLE001 - any network failure becomes one clear line
-            raise DataError(
-                f"{name} not found under {candidates or 'any data root'} and the download failed ({e}); "
-                + ("install Debian's dataset-fashion-mnist or " if name == "fashion-mnist" else "")
-                + "pass --data-root DIR holding the IDX files"
-            ) from None
+            raise not_found_error(name, where, True, e) from None
     else:
-        raise DataError(
-            f"{name} not found under {[str(c) for c in candidates]}; "
-            + ("install Debian's dataset-fashion-mnist or " if name == "fashion-mnist" else "")
-            + "pass --data-root DIR holding the four IDX files (.gz or plain)"
-        )
+        raise not_found_error(name, where, False)
     return TorchvisionSource(ds, name, ds.targets.numpy().astype(np.int64), ds.classes)
 
 
+def _torchvision_set(name: str, cls, root: str | None, download: bool, **kwargs):
+    """``cls(root, download=download, **kwargs)`` (CIFAR-10, STL-10), a missing or failed
+    download turned into :func:`not_found_error`."""
+    if not root:
+        raise DataError(f"{name} needs --data-root DIR holding {LAYOUTS[name]}")
+    if download and not (Path(root) / cls.base_folder).is_dir():
+        logger.info("%s not found under %s; downloading to %s", name, root, root)
+    try:
+        return cls(root, download=download, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision's "not found" a RuntimeError
+        raise not_found_error(name, root, download, e if download else None) from None
+
+
 def cifar10(root: str | None, train: bool, download: bool) -> TorchvisionSource:
+    """CIFAR-10's ``train`` (50,000) or test (10,000) images from ``root`` (:data:`LAYOUTS`)."""
     from torchvision import datasets
 
-    if not root:
-        raise DataError("cifar10 needs --data-root DIR (the folder holding cifar-10-batches-py)")
-    try:
-        ds = datasets.CIFAR10(root, train=train, download=download)
-    except RuntimeError as e:
-        raise DataError(f"cifar10 not found under {root}: {e}") from None
+    ds = _torchvision_set("cifar10", datasets.CIFAR10, root, download, train=train)
     return TorchvisionSource(ds, "cifar10", np.asarray(ds.targets, dtype=np.int64), ds.classes)
 
 
@@ -174,12 +224,7 @@ def stl10(root: str | None, split: str, download: bool) -> TorchvisionSource:
     """STL-10; ``split`` is train, test, unlabeled (100k images) or train+unlabeled."""
     from torchvision import datasets
 
-    if not root:
-        raise DataError("stl10 needs --data-root DIR (the folder holding stl10_binary)")
-    try:
-        ds = datasets.STL10(root, split=split, download=download)
-    except RuntimeError as e:
-        raise DataError(f"stl10 not found under {root}: {e}") from None
+    ds = _torchvision_set("stl10", datasets.STL10, root, download, split=split)
     labels = np.asarray(ds.labels, dtype=np.int64)
     return TorchvisionSource(ds, "stl10", None if (labels < 0).all() else labels, ds.classes)
 

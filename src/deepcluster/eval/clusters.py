@@ -141,5 +141,5 @@ def clusters_eval(ctx: EvalContext, split: str = "test", n_init: int = 3, niter:
            "repeats": [{m: d[m] for m in ("nmi", "acc", "ari")} for d in draws],
            "metrics": metrics, "seconds": time.perf_counter() - t0}
     if write:
-        ctx.write("clusters" if feature == default else f"clusters-{feature}", out)
+        ctx.write("clusters" if feature == default else f"clusters-{feature}", out, split=split)
     return out

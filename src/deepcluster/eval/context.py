@@ -4,13 +4,16 @@ baseline (:func:`open_pixels`).
 
 Results of a checkpoint go to ``eval/`` in its run directory (``RUN/eval/<protocol>.json``),
 or to ``<stem>_eval/`` next to a ``.pt`` file with another name; cached features to
-``cache/`` inside that folder.
+``cache/`` inside that folder. Results on another data set, split or subset than the
+run's own data set, test split, all images are kept beside them, keyed by those
+(:func:`result_name`: ``linear--cifar10-test-sub500.json``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,35 @@ def results_dir_for(checkpoint: str | Path) -> Path:
     return p.parent / f"{p.stem}_eval"
 
 
+def _slug(text: str) -> str:
+    """``text`` safe in a file name: runs of characters other than letters, digits and
+    ``. _ + -`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def result_name(protocol: str, data: str, root: str | None = None, *, own: bool = True, split: str = "test",
+                subset: int | None = None, test_subset: int | None = None, test_root: str | None = None) -> str:
+    """The stem of a result file: ``protocol`` for the run's own data set (``own``), its
+    test split and all images; else ``<protocol>--<data>-<split>[-sub<N>][-testsub<M>]``.
+
+    Args:
+        protocol: ``linear``, ``knn-conv3``, ... (the protocol's own name).
+        data, root: the data set evaluated on; a folder is named by its root's last
+            part (``folder-photos``).
+        own: whether ``data`` is the data set the checkpoint was trained on.
+        split: the split the scores are measured on (``clusters --split train``).
+        subset, test_subset: the fixed random subsets of the training and test splits.
+        test_root: a folder's separate test folder, named in the split part.
+    """
+    if own and split == "test" and subset is None and test_subset is None and test_root is None:
+        return protocol
+    tag = f"folder-{_slug(Path(root).name)}" if data == "folder" and root else _slug(data)
+    parts = [tag, f"{split}-{_slug(Path(test_root).name)}" if test_root and split == "test" else split]
+    parts += [f"sub{subset}"] if subset is not None else []
+    parts += [f"testsub{test_subset}"] if test_subset is not None else []
+    return f"{protocol}--{'-'.join(parts)}"
+
+
 def checkpoint_file(checkpoint: str | Path) -> Path:
     p = Path(checkpoint)
     return p / "checkpoint.pt" if p.is_dir() else p
@@ -57,6 +89,8 @@ class EvalContext:
         checkpoint: the checkpoint path (``None`` for raw pixels).
         method: ``deepcluster``, ``random``, ``supervised`` (from the checkpoint) or ``pixels``.
         batch_size, workers, seed: extraction / training settings shared by the protocols.
+        own_data: ``data`` is the data set the checkpoint was trained on (raw pixels: the
+            data set asked for); results elsewhere get keyed file names (:func:`result_name`).
     """
 
     encoder: Encoder
@@ -72,6 +106,7 @@ class EvalContext:
     workers: int = 0
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    own_data: bool = True
 
     def require_model(self, protocol: str) -> DeepClusterNet:
         if self.model is None:
@@ -91,10 +126,19 @@ class EvalContext:
             "machine": machine_info(),
         }
 
-    def write(self, name: str, payload: dict[str, Any]) -> Path:
-        """Atomically write ``payload`` as ``results_dir/<name>.json``; returns the path."""
+    def result_path(self, name: str, split: str = "test") -> Path:
+        """``results_dir/<stem>.json`` for protocol ``name`` scored on ``split`` of this
+        context's data (the stem keyed by data set, split and subsets: :func:`result_name`)."""
+        info = self.data.info
+        stem = result_name(name, self.data.name, self.data.root, own=self.own_data, split=split,
+                           subset=info.get("subset"), test_subset=info.get("test_subset"),
+                           test_root=self.data.test_root)
+        return self.results_dir / f"{stem}.json"
+
+    def write(self, name: str, payload: dict[str, Any], split: str = "test") -> Path:
+        """Atomically write ``payload`` as :meth:`result_path` ``(name, split)``; returns the path."""
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        path = self.results_dir / f"{name}.json"
+        path = self.result_path(name, split)
         text = json.dumps(payload, indent=2, sort_keys=False, default=_jsonable)
         atomic_write(path, lambda f: f.write(text.encode()))
         logger.info("wrote %s", path)
@@ -109,15 +153,31 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-def _resolve_data(state: dict[str, Any], data: str | None, data_root: str | None) -> tuple[str, str | None]:
+def _run_data(state: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``(name, root)`` of the data set the checkpoint was trained on (``None`` where unknown)."""
     run_data = saved_config(state).data if state.get("config") else None
-    name = data or (run_data.name if run_data else None) or state.get("meta", {}).get("data")
+    return (run_data.name if run_data else None) or state.get("meta", {}).get("data"), \
+        run_data.root if run_data else None
+
+
+def _resolve_data(state: dict[str, Any], data: str | None, data_root: str | None) -> tuple[str, str | None]:
+    run_name, run_root = _run_data(state)
+    name = data or run_name
     if not name:
         raise CheckpointError("the checkpoint does not say which data set it was trained on; pass --data NAME")
     if data_root is not None:
         return name, data_root
     # A different data set than the checkpoint's must not inherit its root.
-    return name, run_data.root if run_data and name == run_data.name else None
+    return name, run_root if name == run_name else None
+
+
+def _is_own_data(state: dict[str, Any], name: str, root: str | None) -> bool:
+    """Whether ``(name, root)`` is the checkpoint's training data set (a folder: the same
+    folder; a torchvision set: the same set wherever its files are)."""
+    run_name, run_root = _run_data(state)
+    if name != run_name:
+        return False
+    return name != "folder" or root is None or run_root is None or Path(root).resolve() == Path(run_root).resolve()
 
 
 def open_checkpoint(checkpoint: str | Path, *, protocol: str = "eval", data: str | None = None,
@@ -149,7 +209,7 @@ def open_checkpoint(checkpoint: str | Path, *, protocol: str = "eval", data: str
     method = state.get("meta", {}).get("method", "deepcluster")
     method = "deepcluster" if method in ("kmeans", "pic") else method
     return EvalContext(encoder, ev, store, out, torch.device(device), model, state, str(checkpoint), method,
-                       batch_size, workers, seed)
+                       batch_size, workers, seed, own_data=_is_own_data(state, name, root))
 
 
 def open_pixels(data: str, output_dir: str | Path, *, protocol: str = "eval", data_root: str | None = None,

@@ -135,6 +135,7 @@ class EvalData:
         num_classes: number of classes (max label + 1 over train and test).
         keys: identity of each split (name, root, size, indices digest) for cache keys.
         info: what the JSON results record about the data.
+        test_root: ``folder`` only: the separate test folder (``None``: a held-out part).
     """
 
     name: str
@@ -147,6 +148,7 @@ class EvalData:
     num_classes: int
     keys: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    test_root: str | None = None
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -219,4 +221,4 @@ def load_eval_data(name: str, root: str | None, image_size: int | None, *, proto
             "train_fit": len(fit), "val_images": len(val), "test_images": len(test), "test": test_desc,
             "subset": subset, "test_subset": test_subset, "val_fraction": val_fraction, "seed": seed,
             "num_classes": num_classes}
-    return EvalData(name, root, spec, train, test, fit, val, num_classes, keys, info)
+    return EvalData(name, root, spec, train, test, fit, val, num_classes, keys, info, test_root)

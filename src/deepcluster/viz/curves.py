@@ -24,6 +24,13 @@ def _epoch_axis(ax, epochs: Sequence[int]) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _legend(ax, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` when ``ax`` has labelled artists (an unlabelled run's first
+    epoch has no NMI to plot: matplotlib would warn "No artists with labels found")."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
     """NMI of the assignments vs the labels and vs the previous epoch, per epoch."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -36,7 +43,7 @@ def plot_nmi(records: Sequence[dict[str, Any]]) -> Figure:
     ax.set_ylabel("NMI")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    _legend(ax, loc="lower right")
     ax.set_title("DeepCluster: cluster quality and stability")
     fig.tight_layout()
     return fig
@@ -93,7 +100,7 @@ def plot_cluster_sizes(records: Sequence[dict[str, Any]]) -> Figure:
     if v and any(v):
         title += f" (empty clusters re-seeded: {int(sum(v))} in all)"
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="best", fontsize=8)
+    _legend(ax, loc="best", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -116,7 +123,7 @@ def plot_timings(records: Sequence[dict[str, Any]]) -> Figure:
     _epoch_axis(ax, epochs)
     ax.set_ylabel("seconds")
     ax.set_title("time per phase", fontsize=10)
-    ax.legend(loc="best", fontsize=8)
+    _legend(ax, loc="best", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

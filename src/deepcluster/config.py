@@ -173,6 +173,9 @@ class RunConfig:
     beside the rolling ``checkpoint.pt`` (0: never)."""
     keep_last: int = 0
     """Keep at most this many ``checkpoint-epochE.pt`` snapshots, the newest (0: all)."""
+    stop_when_worse: bool = False
+    """Stop the run after an epoch whose label-free quality check warns (RankMe below 5 %
+    of its epoch-0 value: :func:`deepcluster.diagnostics.quality_warning`)."""
     best_metric: str = "knn_top1"
     """The record key whose highest value selects ``best.pt`` (written when the epoch's
     record has it: the kNN probe's ``knn_top1`` with ``eval_every``)."""

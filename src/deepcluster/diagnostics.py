@@ -89,3 +89,27 @@ def collapse_warning(sizes: np.ndarray, nmi_prev: Sequence[float], cfg: Config) 
         if c not in seen:
             seen.append(c)
     return f"possible collapse: {'; '.join(problems)}. Likely causes: {'; '.join(seen)}"
+
+
+RANKME_FLOOR = 0.05
+"""A RankMe below this fraction of its epoch-0 value (the random network's) is a warning.
+
+Measured (docs/QUALITY_SIGNAL.md): RankMe falls steadily in ordinary training (210 -> 86
+-> 44 -> 21, i.e. to 10 %, over four short epochs of 2,000 Fashion-MNIST images) and to
+1.7 (0.8 %) for a network degraded by a learning rate of 1.0; on the 240-image test
+fixture, lr 0.5 takes it to 10 % and lr 0.5 with weight decay 0.05 to 3 %. The floor sits
+between ordinary decline and a collapsed representation. Provisional: chosen on a handful
+of networks; a data set of very few, very separable classes has a low rank by nature."""
+
+
+def quality_warning(rankme: float | None, first: float | None, epoch: int) -> str | None:
+    """A one-line warning when the label-free RankMe of the clustering features fell below
+    :data:`RANKME_FLOOR` times its first value (the network the run started from), else None."""
+    if rankme is None or first is None or first <= 0 or epoch == 0:
+        return None
+    if rankme >= RANKME_FLOOR * first:
+        return None
+    return (f"the features' effective rank (RankMe) fell to {rankme:.1f}, below {RANKME_FLOOR:g} x its epoch-0 "
+            f"value {first:.1f}: the network may now be worse than the one it started from (collapse or "
+            "over-fitting the pseudo-labels); try a lower --lr, fewer epochs or a smaller --k, "
+            "or --stop-when-worse")

@@ -21,8 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .clustering import PCAWhitening, StreamingPCA, resolve_pca_sample, sample_indices
-from .distributed import all_reduce_sum, gather_by_index, is_distributed, shard_indices
+from .distributed import all_reduce_sum, broadcast_object, gather_by_index, is_distributed, shard_indices
+from .labelfree import rankme
 from .runtime import autocast, progress, to_device
+
+RANKME_ROWS = 2048
+"""Images of the PCA sample whose clustering features give the epoch's RankMe (an SVD of
+2048 x fc_dim: about a second for 4096-d fc7 on one core)."""
 
 Forward = Callable[[torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
 
@@ -132,13 +137,16 @@ def extract_reduced(model: nn.Module, dataset, cluster: Any, batch_size: int, wo
 
     Returns:
         ``indices`` (``(n_rank,)`` data-set indices, sorted), ``x`` (``(n_rank, pca_dim)``),
-        ``pca`` (the fitted :class:`PCAWhitening`), ``pca_sample`` (its size),
+        ``pca`` (the fitted :class:`PCAWhitening`), ``pca_sample`` (its size), ``rankme``
+        (the label-free effective rank of the clustering features: :data:`RANKME_ROWS`
+        un-augmented images of the sample, :func:`~deepcluster.labelfree.rankme`),
         ``extract_s`` and ``pca_s`` (fit and projection of the sample).
     """
     n = len(dataset)
     shard = shard_indices(n)
-    sample = sample_indices(n, resolve_pca_sample(n, model.feature_dim, cluster.pca_sample), seed)
-    first = np.isin(shard, sample, assume_unique=True)
+    picked = sample_indices(n, resolve_pca_sample(n, model.feature_dim, cluster.pca_sample), seed)
+    n_sample = len(picked)
+    first = np.isin(shard, picked, assume_unique=True)
     stream = StreamingPCA(PCAWhitening(cluster.pca_dim, whiten=cluster.whiten, eps=cluster.whiten_eps), len(shard),
                           sample_rows=int(first.sum()), dtype=np.dtype(cluster.feature_dtype))
     t0 = time.perf_counter()
@@ -151,9 +159,11 @@ def extract_reduced(model: nn.Module, dataset, cluster: Any, batch_size: int, wo
                 add(np.searchsorted(shard, idx), out)
             if add == stream.add_sample:
                 _check_finite(bad, " in the PCA sample")
+                sample = stream.sample(RANKME_ROWS)  # rank 0's rows decide, every rank gets its value
+                quality = broadcast_object(rankme(sample) if len(sample) > 1 else None)
                 t1 = time.perf_counter()
                 pca = stream.fit()
                 pca_s = time.perf_counter() - t1
     _check_finite(bad, "")
-    return {"indices": shard, "x": stream.result(), "pca": pca, "pca_sample": len(sample),
+    return {"indices": shard, "x": stream.result(), "pca": pca, "pca_sample": n_sample, "rankme": quality,
             "extract_s": time.perf_counter() - t0 - pca_s, "pca_s": pca_s}

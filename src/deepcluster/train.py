@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import rng_state, save_checkpoint
 from .clustering import cluster_shards
 from .config import Config
-from .diagnostics import collapse_warning, recent_nmi_prev
+from .diagnostics import collapse_warning, quality_warning, recent_nmi_prev
 from .distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process, rank, world_size
 from .features import extract_reduced, make_loader
 from .metrics import nmi
@@ -124,6 +124,7 @@ def run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     # 7. The record (the caller saves it and the checkpoint).
     record = epoch_record(s, epoch, clusters, {**cstats, **stats, "lr": lr, "carried": heads.carried,
                                                "extract_s": red["extract_s"], "pca_s": red["pca_s"],
+                                               "rankme": red["rankme"],
                                                "epoch_s": time.perf_counter() - t0})
     record["_checkpoint_extra"] = {"pca": clusters.pca.state_dict(), "centroids": torch.from_numpy(clusters.centroids),
                                    "cluster_model": cluster_model}
@@ -142,6 +143,7 @@ def epoch_record(s: Session, epoch: int, clusters: EpochClusters, st: dict[str, 
         "nmi_labels": nmi(s.labels, a) if s.labels is not None else None,
         # agreement of the epoch's k-means runs with the first (several clusterings only)
         "nmi_clusterings": float(np.mean([nmi(a, o) for o in clusters.others])) if clusters.others else None,
+        "rankme": st["rankme"],  # label-free: effective rank of the clustering features (docs/QUALITY_SIGNAL.md)
         "head_rows_carried": st["carried"],  # optim.head matched only
         "num_clusters": clusters.num_clusters,
         "cluster_size_min": int(sizes.min()),
@@ -160,8 +162,11 @@ def epoch_record(s: Session, epoch: int, clusters: EpochClusters, st: dict[str, 
         "_assignments": a,
     }
     record["collapse_warning"] = collapse_warning(sizes, recent_nmi_prev(s.history, a, record["nmi_prev"]), s.cfg)
-    if record["collapse_warning"]:
-        logger.warning("epoch %d: %s", epoch, record["collapse_warning"])
+    first = next((r.get("rankme") for r in s.records if r.get("rankme") is not None), None)
+    record["quality_warning"] = quality_warning(st["rankme"], first, epoch)
+    for key in ("collapse_warning", "quality_warning"):
+        if record[key]:
+            logger.warning("epoch %d: %s", epoch, record[key])
     return record
 
 
@@ -274,6 +279,10 @@ def _loop(s: Session, callbacks: list[Callback], log: RunLog) -> dict[str, Any]:
             for cb in callbacks:
                 cb.after_epoch(s, s.records)
             logger.info(_summary_line(last))
+            if s.cfg.run.stop_when_worse and last.get("quality_warning"):
+                logger.warning("--stop-when-worse: stopping after epoch %d (checkpoint.pt keeps it; best.pt, if any, "
+                               "an earlier epoch)", epoch)
+                break
     barrier()  # every rank returns once rank 0's last checkpoint is written
     return last
 

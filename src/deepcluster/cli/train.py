@@ -30,6 +30,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "workers": ("run", "workers"), "deterministic": ("run", "deterministic"), "resume": ("run", "resume"),
     "eval_every": ("run", "eval_every"), "tensorboard": ("run", "tensorboard"),
     "keep_every": ("run", "keep_every"), "keep_last": ("run", "keep_last"),
+    "stop_when_worse": ("run", "stop_when_worse"),
     "feature_dtype": ("cluster", "feature_dtype"), "amp": ("run", "amp"), "channels_last": ("run", "channels_last"),
     "crop_scale": ("augment", "crop_scale"), "hflip": ("augment", "hflip"), "affine": ("augment", "affine"),
     "erasing": ("augment", "erasing"), "whiten": ("cluster", "whiten"), "whiten_eps": ("cluster", "whiten_eps"),
@@ -216,6 +217,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    "is kept as best.pt (labelled data sets only)")
     g.add_argument("--keep-every", type=int, help="keep checkpoint-epochE.pt every N epochs beside checkpoint.pt "
                    "(for eval/report/export/assign --epoch E; 0: none)")
+    g.add_argument("--stop-when-worse", action="store_const", const=True,
+                   help="stop after an epoch whose label-free check warns: the features' effective rank (RankMe, "
+                        "logged as rankme) fell below 5%% of the random network's")
     g.add_argument("--keep-last", type=int, help="keep at most the M newest checkpoint-epochE.pt (0: all)")
     g.add_argument("--tensorboard", action="store_const", const=True, help="write TensorBoard scalars and images")
     g = p.add_argument_group("scale-out (launch with torchrun --nproc-per-node G -m deepcluster train ...)")

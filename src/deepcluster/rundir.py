@@ -147,12 +147,45 @@ class RunDir:
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
-    def read_assignments(self) -> np.ndarray | None:
-        """``(epochs, N)`` int32, or ``None`` when absent."""
-        return np.load(self.assignments) if self.assignments.is_file() else None
+    def read_assignments(self, epochs: int | None = None) -> np.ndarray | None:
+        """``(epochs, N)`` int32, memory-mapped (nothing is read until used), or ``None``
+        when absent; ``epochs`` keeps the first rows only (a row appended after the last
+        checkpoint belongs to no committed epoch)."""
+        if not self.assignments.is_file():
+            return None
+        hist = np.load(self.assignments, mmap_mode="r")
+        return hist if epochs is None else hist[:epochs]
 
-    def write_assignments(self, history: np.ndarray) -> None:
-        atomic_write(self.assignments, lambda f: np.save(f, history.astype(np.int32)))
+    def append_assignments(self, row: np.ndarray, epoch: int) -> None:
+        """Write ``row`` (``(N,)``) as row ``epoch`` of ``assignments.npy``, in place.
+
+        The file is an ``.npy`` whose header has a fixed size (:data:`HISTORY_HEADER`
+        bytes), so an epoch costs one row of N int32 and a header rewrite, however many
+        epochs came before; readers see a plain ``.npy`` (``np.load``). The row goes first,
+        then the header: a kill in between leaves the previous epochs readable, and the
+        checkpoint (the commit point) says how many rows count. A file of the older layout
+        (rewritten whole every epoch) is converted once.
+        """
+        row = np.ascontiguousarray(row, dtype="<i4")
+        n = len(row)
+        if self.assignments.is_file() and _history_header_ok(self.assignments, n):
+            mode = "r+b"
+        else:
+            old = self.read_assignments(epoch)
+            atomic_write(self.assignments, lambda f: (f.write(_history_header(0, n)),
+                                                      f.write(np.ascontiguousarray(old, "<i4").tobytes())
+                                                      if old is not None else None))
+            mode = "r+b"
+        with open(self.assignments, mode) as f:
+            f.seek(HISTORY_HEADER + epoch * n * 4)
+            f.write(row.tobytes())
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            f.write(_history_header(epoch + 1, n))
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_config(self) -> Config:
         """The typed configuration of ``config.yaml`` (older layouts migrated)."""
@@ -251,6 +284,26 @@ class RunDir:
             RunDirError: it cannot be created or written (naming the reason).
         """
         return ensure_writable_dir(override if override is not None else self.path / name)
+
+
+HISTORY_HEADER = 128
+"""Bytes of the ``assignments.npy`` header: fixed, so rows can be appended in place."""
+
+
+def _history_header(rows: int, n: int) -> bytes:
+    """An ``.npy`` version 1.0 header for ``(rows, n)`` little-endian int32, padded to
+    :data:`HISTORY_HEADER` bytes (the format allows any multiple of 64)."""
+    d = "{'descr': '<i4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, n)
+    body = d.ljust(HISTORY_HEADER - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+def _history_header_ok(path: Path, n: int) -> bool:
+    """Whether ``path`` has the fixed-size header of :func:`_history_header` for width ``n``."""
+    with open(path, "rb") as f:
+        head = f.read(HISTORY_HEADER)
+    return (len(head) == HISTORY_HEADER and head[:10] == b"\x93NUMPY\x01\x00" + (HISTORY_HEADER - 10).to_bytes(2, "little")
+            and f", {n}), " in head.decode("latin1") and "'<i4'" in head.decode("latin1"))
 
 
 def parse_epoch(value: int | str) -> int | str:
@@ -379,7 +432,10 @@ class Run:
         records = run.read_metrics(required=require_metrics)
         model, state = load_model(p)
         model.to(device)
-        hist = state["assignments"].numpy() if "assignments" in state else run.read_assignments()
+        epochs = int(state.get("epoch") or 0)
+        hist = run.read_assignments(epochs)  # the run's history file, up to this checkpoint's epoch
+        if (hist is None or len(hist) < epochs) and "assignments" in state:  # a copied .pt: its own rows
+            hist = state["assignments"].numpy()
         return cls(run.path, model, state, records, hist)
 
     @cached_property

@@ -30,6 +30,9 @@ from .runtime import seed_everything, set_deterministic
 
 logger = logging.getLogger("deepcluster.train")
 
+RECENT_EPOCHS = 3
+"""Epochs of assignments kept in memory (the stall check of :mod:`deepcluster.diagnostics`)."""
+
 
 def arch_meta(cfg: Config, image_size: int) -> dict[str, Any]:
     """The architecture keys of a checkpoint's ``meta`` (what :func:`model_from_meta` reads)."""
@@ -74,7 +77,10 @@ class Session:
     labels: np.ndarray | None
     meta: dict[str, Any]
     scaler: torch.amp.GradScaler | None = None
-    history: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    recent: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    """``(<= RECENT_EPOCHS, N)`` int32: the last epochs' assignments (the previous epoch's for
+    the matched head and NMI vs previous, three for the stall check); the whole history is
+    in the run folder's ``assignments.npy``, never in memory."""
     records: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     manifest: Any = None
@@ -153,8 +159,11 @@ def restore(s: Session, state: dict[str, Any]) -> None:
     s.optimizer.load_state_dict(state["optimizer"])
     if s.scaler is not None and "scaler" in state:
         s.scaler.load_state_dict(state["scaler"])
-    s.history = state["assignments"].numpy().astype(np.int32)
     s.start_epoch = int(state["epoch"])
+    hist = s.run.read_assignments(s.start_epoch)  # rows after the checkpoint's epoch belong to no epoch
+    if hist is None or len(hist) < s.start_epoch:  # an older run, or the file lost: the checkpoint's rows
+        hist = state["assignments"].numpy()
+    s.recent = np.asarray(hist[-RECENT_EPOCHS:], dtype=np.int32)
     logger.info("resumed %s at epoch %d", s.run.path, s.start_epoch)
 
 

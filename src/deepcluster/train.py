@@ -36,7 +36,7 @@ from .metrics import nmi
 from .optim import NonFiniteLossError, TrainingError, build_head_optimizer, epoch_lr, train_one_epoch
 from .rundir import RunDirError, RunLog
 from .runtime import epoch_seed, graceful_stop, per_rank_batch_size, resolve_amp, resolve_device, seed_everything
-from .session import RESUME_KEYS, Session, build_model, open_session, record_skipped, restore
+from .session import RECENT_EPOCHS, RESUME_KEYS, Session, build_model, open_session, record_skipped, restore
 from .strategies import (BN_RECOMPUTE_IMAGES, EpochClusters, balanced_sampler, choose_head, class_weights,
                          recompute_bn_stats)
 
@@ -103,7 +103,7 @@ def run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     # 3. Clustering; 4. every image relabelled with its cluster.
     clusters, cstats = cluster_phase(red, len(s.cluster_ds), cfg, epoch, s.device)
     # 5. A new head for the new labels (the seam: random, matched or centroids).
-    previous = s.history[-1] if len(s.history) else None
+    previous = s.recent[-1] if len(s.recent) else None
     heads = choose_head(cfg).build(model, clusters, previous, torch.Generator().manual_seed(epoch_seed(seed, epoch, 3)),
                                    cfg.optim.temperature, s.device)
     lr = epoch_lr(cfg, epoch)
@@ -133,7 +133,7 @@ def run_epoch(s: Session, epoch: int) -> dict[str, Any]:
 
 def epoch_record(s: Session, epoch: int, clusters: EpochClusters, st: dict[str, Any]) -> dict[str, Any]:
     """The epoch's line of ``metrics.jsonl`` (with its collapse check)."""
-    a, prev = clusters.assignments, (s.history[-1] if len(s.history) else None)
+    a, prev = clusters.assignments, (s.recent[-1] if len(s.recent) else None)
     sizes = np.bincount(a, minlength=clusters.num_clusters)
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -161,7 +161,7 @@ def epoch_record(s: Session, epoch: int, clusters: EpochClusters, st: dict[str, 
         "amp": s.cfg.run.amp,  # as resolved for this machine (config.yaml may say auto)
         "_assignments": a,
     }
-    record["collapse_warning"] = collapse_warning(sizes, recent_nmi_prev(s.history, a, record["nmi_prev"]), s.cfg)
+    record["collapse_warning"] = collapse_warning(sizes, recent_nmi_prev(s.recent, a, record["nmi_prev"]), s.cfg)
     first = next((r.get("rankme") for r in s.records if r.get("rankme") is not None), None)
     record["quality_warning"] = quality_warning(st["rankme"], first, epoch)
     for key in ("collapse_warning", "quality_warning"):
@@ -266,7 +266,7 @@ def _loop(s: Session, callbacks: list[Callback], log: RunLog) -> dict[str, Any]:
     with graceful_stop(interrupted):
         for epoch in range(s.start_epoch, s.cfg.optim.epochs):
             last = run_epoch(s, epoch)
-            s.history = np.concatenate([s.history, last.pop("_assignments")[None].astype(np.int32)])
+            s.recent = np.concatenate([s.recent, last.pop("_assignments")[None].astype(np.int32)])[-RECENT_EPOCHS:]
             extra = last.pop("_checkpoint_extra")
             extra["world_size"] = world_size()
             if s.scaler is not None:
@@ -291,10 +291,11 @@ def _save_epoch(s: Session, epoch: int, extra: dict[str, Any]) -> None:
     """Assignments, metrics, then the checkpoint (the commit point of the epoch); then the
     snapshots: ``checkpoint-epochE.pt`` every ``run.keep_every`` epochs, ``best.pt`` when
     the record's ``run.best_metric`` is the best so far (both without the optimiser)."""
-    s.run.write_assignments(s.history)
+    s.run.append_assignments(s.recent[-1], epoch)  # one row: the whole history is in the file
     s.run.write_metrics(s.records)
     state = {"model": {k: v.detach().cpu() for k, v in s.model.state_dict().items()}, "epoch": epoch + 1,
-             "assignments": torch.from_numpy(s.history), "meta": s.meta, "config": s.cfg.to_dict(), **extra}
+             "assignments": torch.from_numpy(s.recent[-1:].copy()),  # the last epoch's: (1, N)
+             "meta": s.meta, "config": s.cfg.to_dict(), **extra}
     save_checkpoint({**state, "optimizer": s.optimizer.state_dict(), "rng": rng_state()}, s.run.checkpoint)
     run = s.cfg.run
     if run.keep_every and (epoch + 1) % run.keep_every == 0:

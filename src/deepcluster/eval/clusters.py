@@ -129,7 +129,8 @@ def clusters_eval(ctx: EvalContext, split: str = "test", n_init: int = 3, niter:
         labels = _training_source_labels(ctx)
         last = np.asarray(hist[-1]).astype(np.int64)
         if labels is not None and len(labels) == len(last):
-            training = {"k": int(last.max()) + 1, "epoch": int(len(hist)), **cluster_scores(last, labels)}
+            training = {"k": int(last.max()) + 1, "epoch": int((ctx.state or {}).get("epoch", len(hist))),
+                        **cluster_scores(last, labels)}
             metrics.update({f"train_assign_{m}": training[m] for m in ("nmi", "acc", "ari", "purity")})
             logger.info("training-time assignments (k=%d): NMI %.4f ACC %.4f ARI %.4f purity %.4f", training["k"],
                         training["nmi"], training["acc"], training["ari"], training["purity"])

@@ -31,6 +31,7 @@ docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,19 +49,20 @@ import torchvision.transforms as T  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from deepcluster.checkpoint import load_model  # noqa: E402
+from deepcluster.clustering import PCAWhitening  # noqa: E402
 from deepcluster.data import ImageSpec, IndexedDataset, build_source, cluster_transform, image_spec  # noqa: E402
 from deepcluster.features import eval_mode, iter_features, make_loader  # noqa: E402
 from deepcluster.io import write_text  # noqa: E402
 from deepcluster.metrics import rank_database, revisited_map  # noqa: E402
 from deepcluster.models import DeepClusterNet, create_model  # noqa: E402
 from deepcluster.retrieval import (IndexMeta, build_index, conv_map_fn, labelled_map, mac, multiscale,  # noqa: E402
-                                   multiscale_many, near_duplicates, rmac, search, spoc)
+                                   multiscale_many, multiscale_regions, near_duplicates, rmac, search, spoc)
 from deepcluster.retrieval.images import checkpoint_spec  # noqa: E402
 from deepcluster.runtime import seed_everything  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, machine_line  # noqa: E402
-from retrieval_photos import DISTRACTOR_PHOTOS, PHOTOS, PhotoBenchmark, covered, make_benchmark  # noqa: E402
+from retrieval_photos import DISTRACTOR_PHOTOS, PHOTOS, PhotoBenchmark, covered, distractors, make_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("category", "instance", "duplicates", "speed")
@@ -73,7 +75,7 @@ SIZES = {
              "photo_distractors": 1000, "fmnist_distractors": 1000, "alexnet_size": 224, "index_n": 1_000_000,
              "index_queries": 200, "speed_images": 64},
 }
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.5, 1.0, 0.02)) + (0.99, 0.995)
+THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.3, 0.99, 0.05)) + (0.9, 0.95, 0.97, 0.99, 0.995)
 
 
 @dataclass
@@ -190,19 +192,38 @@ def run_category(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- instance retrieval
 
-def photo_descriptors(net: Network | None, images: list) -> dict[str, np.ndarray]:
-    """R-MAC / MAC / SPoC (multi-scale) of ``images``; ``net=None``: raw pixels (the
-    3-channel pixel map at 32 px, values in [0, 1], and the mean-centred 32x32 tiny image)."""
+def photo_transform(spec: ImageSpec) -> Callable:
+    """Rendered square image -> ``(3, size, size)`` tensor normalised as the network was trained."""
+    return T.Compose([T.Resize((spec.size, spec.size)), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def fit_whitening(net: Network, images: list) -> PCAWhitening:
+    """The R-MAC PCA-whitening of ``net`` (all dimensions), learned on the regional
+    descriptors (every region, every scale) of ``images``, a set disjoint from the benchmark."""
+    conv = conv_map_fn(net.model)
+    with eval_mode(net.model):
+        rows = [out for _, out, _ in iter_features(lambda x: multiscale_regions(x, conv),
+                                                   make_loader(ImageList(images, photo_transform(net.spec)), 32, 0))]
+    x = np.concatenate(rows)
+    return PCAWhitening(min(x.shape[1], len(x) - 1), whiten=True, normalize=True).fit(x)
+
+
+def photo_descriptors(net: Network | None, images: list, whitening: PCAWhitening | None = None) -> dict[str, np.ndarray]:
+    """R-MAC / MAC / SPoC (multi-scale) of ``images``, and ``rmac+w`` (R-MAC with
+    ``whitening``) when given; ``net=None``: raw pixels (the 3-channel pixel map at 32 px,
+    values in [0, 1], and the mean-centred 32x32 tiny image)."""
     if net is None:
         tf = T.Compose([T.Resize((32, 32)), T.ToTensor()])
         maps = torch.stack([tf(im) for im in images])
         out = {k: v.numpy() for k, v in multiscale_many(maps, lambda x: x, DESCRIBERS).items()}
         flat = maps.flatten(1).numpy()
         return {**out, "tiny": l2n(flat - flat.mean(1, keepdims=True))}
-    tf = T.Compose([T.Resize((net.spec.size, net.spec.size)), T.ToTensor(), T.Normalize(net.spec.mean, net.spec.std)])
     conv = conv_map_fn(net.model)
+    describers = dict(DESCRIBERS)
+    if whitening is not None:
+        describers["rmac+w"] = functools.partial(rmac, whitening=whitening)
     with eval_mode(net.model):
-        return extract_all(lambda x: multiscale_many(x, conv, DESCRIBERS), ImageList(images, tf), 32)
+        return extract_all(lambda x: multiscale_many(x, conv, describers), ImageList(images, photo_transform(net.spec)), 32)
 
 
 def _scores(queries: np.ndarray, database: np.ndarray, bench: PhotoBenchmark) -> dict[str, Any]:
@@ -210,24 +231,27 @@ def _scores(queries: np.ndarray, database: np.ndarray, bench: PhotoBenchmark) ->
     return {s: {"map": r.map, "mp": dict(zip(map(str, r.kappas), map(float, r.mp)))} for s, r in res.items()}
 
 
-def run_instance(args: argparse.Namespace, bench: PhotoBenchmark) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def run_instance(args: argparse.Namespace, bench: PhotoBenchmark,
+                 whitening_images: list) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Revisited mAP of every (network, descriptor) on the photograph benchmark; also
-    returns each network's R-MAC of queries + database (for the duplicates part)."""
+    returns each network's R-MAC (plain and whitened) of queries + database (for the
+    duplicates part)."""
     q_images, d_images = [q.image for q in bench.queries], [d.image for d in bench.database]
     rows, rmacs = {}, {}
     for net in [None] * (not args.no_baselines) + networks(args, with_alexnet=True):
         t0 = time.perf_counter()
         name = "raw pixels" if net is None else net.name
-        q, d = photo_descriptors(net, q_images), photo_descriptors(net, d_images)
+        w = None if net is None else fit_whitening(net, whitening_images)
+        q, d = photo_descriptors(net, q_images, w), photo_descriptors(net, d_images, w)
         rows[name] = {feat: _scores(q[feat], d[feat], bench) for feat in q}
         rows[name]["seconds"] = time.perf_counter() - t0
         rows[name]["input_px"] = 32 if net is None else net.spec.size
-        rmacs[name] = np.concatenate([q["rmac"], d["rmac"]])
+        rmacs[name] = {f: np.concatenate([q[f], d[f]]) for f in ("rmac", "rmac+w") if f in q}
         print(f"instance {name:40s} " + " ".join(
             f"{f} E/M/H {r['easy']['map']:.3f}/{r['medium']['map']:.3f}/{r['hard']['map']:.3f}"
             for f, r in rows[name].items() if isinstance(r, dict)) + f" ({rows[name]['seconds']:.0f} s)", flush=True)
     info = {"counts": bench.counts(), "photos": list(dict.fromkeys(q.photo for q in bench.queries)),
-            "distractor_photos": list(DISTRACTOR_PHOTOS), "seed": args.seed}
+            "distractor_photos": list(DISTRACTOR_PHOTOS), "seed": args.seed, "whitening_images": len(whitening_images)}
     return {**info, "rows": rows}, rmacs
 
 
@@ -256,37 +280,51 @@ def pair_labels(bench: PhotoBenchmark) -> np.ndarray:
     return lab
 
 
-def duplicate_curve(vectors: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> list[dict[str, float]]:
-    """Precision / recall of the pairs inside :func:`near_duplicates` groups (every pair
-    of a group counts: the groups are connected components) at each threshold."""
+def _pr(tp: int, fp: int, positives: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 1.0
+    r = tp / positives if positives else float("nan")
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def duplicate_curve(vectors: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> list[dict[str, Any]]:
+    """At each threshold ``T``, precision / recall of
+
+    - the pairs inside :func:`near_duplicates` groups (what ``deepcluster duplicates``
+      reports; every pair of a group counts: the groups are connected components), and
+    - ``pairs``: the pairs with similarity ``>= T`` themselves (no transitivity).
+
+    Ignored pairs (``labels == 0``) count neither way.
+    """
     n = len(vectors)
     index = build_index(vectors, [str(i) for i in range(n)], IndexMeta("bench", "rmac", vectors.shape[1]),
                         stats=(np.zeros(n, np.int64), np.zeros(n, np.int64)))
     positives = int((labels == 1).sum() // 2)
+    upper = np.triu_indices(n, 1)
+    sims, lab = (vectors @ vectors.T)[upper], labels[upper]
     curve = []
     for t in thresholds:
         tp = fp = 0
         for group in near_duplicates(index, float(t)):
-            g = np.asarray(group, dtype=np.int64)
-            sub = labels[np.ix_(g, g)]
+            sub = labels[np.ix_(np.asarray(group, np.int64), np.asarray(group, np.int64))]
             tp, fp = tp + int((sub == 1).sum() // 2), fp + int((sub == -1).sum() // 2)
-        p = tp / (tp + fp) if tp + fp else 1.0
-        r = tp / positives if positives else float("nan")
-        curve.append({"threshold": float(t), "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
-                      "pairs": tp + fp})
+        hit = sims >= t
+        curve.append({"threshold": float(t), **_pr(tp, fp, positives), "group_pairs": tp + fp,
+                      "pairs": _pr(int((hit & (lab == 1)).sum()), int((hit & (lab == -1)).sum()), positives)})
     return curve
 
 
-def run_duplicates(bench: PhotoBenchmark, rmacs: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The curve of each network's R-MAC, and its best-F1 threshold."""
+def run_duplicates(bench: PhotoBenchmark, rmacs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The curve of each network's R-MAC (plain and whitened), and its best-F1 threshold
+    (on the groups, what the command reports)."""
     labels = pair_labels(bench)
     out = {"easy_pairs": int((labels == 1).sum() // 2), "rows": {}}
-    for name, v in rmacs.items():
-        curve = duplicate_curve(l2n(v), labels)
-        best = max(curve, key=lambda c: (c["f1"], c["threshold"]))
-        out["rows"][name] = {"curve": curve, "best": best}
-        print(f"duplicates {name:40s} best T {best['threshold']:.3f} P {best['precision']:.3f} "
-              f"R {best['recall']:.3f} F1 {best['f1']:.3f}", flush=True)
+    for name, feats in rmacs.items():
+        for feat, v in feats.items():
+            curve = duplicate_curve(l2n(v), labels)
+            best = max(curve, key=lambda c: (c["f1"], c["threshold"]))
+            out["rows"][f"{name} {feat}"] = {"curve": curve, "best": best}
+            print(f"duplicates {name + ' ' + feat:46s} best T {best['threshold']:.3f} P {best['precision']:.3f} "
+                  f"R {best['recall']:.3f} F1 {best['f1']:.3f}", flush=True)
     return out
 
 
@@ -344,6 +382,7 @@ def index_speed(n: int, queries: int, dim: int = 256) -> dict[str, Any]:
         del index
     out["ivfpq"]["recall_at_10"] = float(np.mean([len(np.intersect1d(a, b)) / 10 for a, b in
                                                   zip(tops["flat"], tops["ivfpq"])]))
+    out["ivfpq"]["nn_in_top_10"] = float(np.mean([a[0] in b for a, b in zip(tops["flat"], tops["ivfpq"])]))
     print(f"index n={n}: " + ", ".join(f"{k} build {out[k]['build_s']:.1f} s search {out[k]['ms_per_query']:.2f} "
                                        "ms/query" for k in ("flat", "ivfpq"))
           + f", IVF-PQ recall@10 {out['ivfpq']['recall_at_10']:.3f}", flush=True)
@@ -394,19 +433,21 @@ def instance_table(r: dict[str, Any]) -> str:
 
 def duplicates_table(r: dict[str, Any]) -> str:
     lines = [f"{r['easy_pairs']} Easy pairs among the queries and database images.", "",
-             "| network (R-MAC) | best-F1 T | precision | recall | F1 | at T = 0.95: precision | recall |",
+             "| R-MAC of | best-F1 T (groups) | precision | recall | F1 | T = 0.95: precision | recall |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in r["rows"].items():
         b = row["best"]
         at = min(row["curve"], key=lambda c: abs(c["threshold"] - 0.95))
         lines.append(f"| {name} | {b['threshold']:.3f} | {b['precision']:.3f} | {b['recall']:.3f} | {b['f1']:.3f} "
                      f"| {at['precision']:.3f} | {at['recall']:.3f} |")
-    lines += ["", "Curve (precision / recall of the pairs inside the groups):", "",
+    lines += ["", "Curve, precision / recall of the pairs inside the groups (and, in brackets, of the pairs "
+              "with similarity >= T themselves):", "",
               "| T | " + " | ".join(r["rows"]) + " |", "|---:|" + "---:|" * len(r["rows"])]
     curves = [row["curve"] for row in r["rows"].values()]
     for i, point in enumerate(curves[0] if curves else []):
         lines.append(f"| {point['threshold']:.3f} | " + " | ".join(
-            f"{c[i]['precision']:.3f} / {c[i]['recall']:.3f}" for c in curves) + " |")
+            f"{c[i]['precision']:.2f} / {c[i]['recall']:.2f} ({c[i]['pairs']['precision']:.2f} / "
+            f"{c[i]['pairs']['recall']:.2f})" for c in curves) + " |")
     return "\n".join(lines)
 
 
@@ -417,10 +458,11 @@ def speed_table(r: dict[str, Any]) -> str:
     lines += [f"| {e['arch']} | {e['size']} px | {e['images_per_s']:.1f} |" for e in r["extraction"]]
     ix = r["index"]
     lines += ["", f"Index of {ix['n']:,} x {ix['dim']} synthetic unit vectors ({ix['queries']} queries, top 10):", "",
-              "| index | build s | ms / query | recall@10 vs flat |", "|---|---:|---:|---:|",
-              f"| flat (IndexFlatIP) | {ix['flat']['build_s']:.1f} | {ix['flat']['ms_per_query']:.2f} | 1 |",
+              "| index | build s | ms / query | recall@10 vs flat | exact 1st in top 10 |", "|---|---:|---:|---:|---:|",
+              f"| flat (IndexFlatIP) | {ix['flat']['build_s']:.1f} | {ix['flat']['ms_per_query']:.2f} | 1 | 1 |",
               f"| IVF-PQ (nlist {ix['ivfpq']['nlist']}, m {ix['ivfpq']['m']}, nprobe {ix['ivfpq']['nprobe']}) "
-              f"| {ix['ivfpq']['build_s']:.1f} | {ix['ivfpq']['ms_per_query']:.2f} | {ix['ivfpq']['recall_at_10']:.3f} |"]
+              f"| {ix['ivfpq']['build_s']:.1f} | {ix['ivfpq']['ms_per_query']:.2f} | {ix['ivfpq']['recall_at_10']:.3f} "
+              f"| {ix['ivfpq'].get('nn_in_top_10', float('nan')):.3f} |"]
     return "\n".join(lines)
 
 
@@ -490,14 +532,20 @@ def main(argv: list[str] | None = None) -> None:
     todo: dict[str, Callable[[], Any]] = {"category": lambda: run_category(args), "speed": lambda: run_speed(args)}
     if {"instance", "duplicates"} & set(args.parts):
         size = SIZES[args.mode]
+        cpu0, t0 = time.process_time(), time.perf_counter()
         bench = make_benchmark(args.seed, size["photos"], size["queries_per_photo"], size["views"],
                                size["photo_distractors"], size["fmnist_distractors"])
-        instance, rmacs = run_instance(args, bench)
+        whitening_images = [it.image for it in distractors(
+            size["photo_distractors"] // 4, size["fmnist_distractors"] // 4, np.random.default_rng(args.seed + 1), 224,
+            split="train")]
+        instance, rmacs = run_instance(args, bench, whitening_images)
+        instance.update(cpu_seconds=time.process_time() - cpu0, seconds=time.perf_counter() - t0)
         todo["instance"] = lambda: instance
         todo["duplicates"] = lambda: run_duplicates(bench, rmacs)
     for part in args.parts:
         cpu0, t0 = time.process_time(), time.perf_counter()
-        new = {**todo[part](), **stamp, "cpu_seconds": time.process_time() - cpu0, "seconds": time.perf_counter() - t0}
+        got = todo[part]()
+        new = {**stamp, "cpu_seconds": time.process_time() - cpu0, "seconds": time.perf_counter() - t0, **got}
         if args.no_baselines and part in result and "rows" in new:  # add the checkpoints' rows to the baselines'
             old = result[part]
             new = {**new, "rows": {**old["rows"], **new["rows"]}, "command": f"{old['command']}; then {new['command']}",

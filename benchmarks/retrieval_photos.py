@@ -166,9 +166,10 @@ def pair_label(view: Item, query: Item) -> str:
     return "hard" if o >= 0.3 else "junk"
 
 
-def _distractors(photos: int, fmnist: int, rng: np.random.Generator, size: int) -> list[Item]:
+def distractors(photos: int, fmnist: int, rng: np.random.Generator, size: int, split: str = "test") -> list[Item]:
     """Crops of ``DISTRACTOR_PHOTOS`` (random box of 30-80 % of the short side, easy or
-    hard distortion) and upscaled Fashion-MNIST test images."""
+    hard distortion) and upscaled Fashion-MNIST images of ``split``. With another seed and
+    the training split: the set the R-MAC whitening is learned on."""
     out = []
     sources = {n: load_photo(n) for n in DISTRACTOR_PHOTOS} if photos else {}
     for i in range(photos):
@@ -180,7 +181,7 @@ def _distractors(photos: int, fmnist: int, rng: np.random.Generator, size: int) 
     if fmnist:
         from deepcluster.data import build_source
 
-        source = build_source("fashion-mnist", split="test")
+        source = build_source("fashion-mnist", split=split)
         for i in np.sort(rng.choice(len(source), fmnist, replace=False)):
             out.append(Item(None, (0.0, 0.0, 0.0), "fmnist", source.load(int(i)).resize((size, size), Image.BICUBIC)))
     return out
@@ -200,7 +201,7 @@ def make_benchmark(seed: int = 0, photos: tuple[str, ...] = PHOTOS, queries_per_
             box = _clip_box(rng.uniform(0, w), rng.uniform(0, h), side, w, h)
             queries.append(Item(name, box, "query", render(photo, box, "query", rng, size)))
             views += _views(name, photo, box, views_per_query, rng, size)
-    database = views + _distractors(photo_distractors, fmnist_distractors, rng, size)
+    database = views + distractors(photo_distractors, fmnist_distractors, rng, size)
     gnd = []
     for q in queries:
         labels = np.array([pair_label(v, q) for v in views] + ["negative"] * (len(database) - len(views)))

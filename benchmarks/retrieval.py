@@ -75,7 +75,7 @@ SIZES = {
              "photo_distractors": 1000, "fmnist_distractors": 1000, "alexnet_size": 224, "index_n": 1_000_000,
              "index_queries": 200, "speed_images": 64},
 }
-THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.3, 0.99, 0.05)) + (0.9, 0.95, 0.97, 0.99, 0.995)
+THRESHOLDS = tuple(sorted({round(float(t), 2) for t in np.arange(0.3, 0.99, 0.05)} | {0.9, 0.95, 0.97, 0.99, 0.995}))
 
 
 @dataclass
@@ -286,14 +286,16 @@ def _pr(tp: int, fp: int, positives: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
-def duplicate_curve(vectors: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> list[dict[str, Any]]:
+def duplicate_curve(vectors: np.ndarray, labels: np.ndarray, fmnist: np.ndarray,
+                    thresholds=THRESHOLDS) -> list[dict[str, Any]]:
     """At each threshold ``T``, precision / recall of
 
     - the pairs inside :func:`near_duplicates` groups (what ``deepcluster duplicates``
       reports; every pair of a group counts: the groups are connected components), and
     - ``pairs``: the pairs with similarity ``>= T`` themselves (no transitivity).
 
-    Ignored pairs (``labels == 0``) count neither way.
+    Ignored pairs (``labels == 0``) count neither way; ``fmnist`` ``(M,)`` marks the
+    Fashion-MNIST distractors (the wrong pairs between two of them are counted apart).
     """
     n = len(vectors)
     index = build_index(vectors, [str(i) for i in range(n)], IndexMeta("bench", "rmac", vectors.shape[1]),
@@ -301,6 +303,7 @@ def duplicate_curve(vectors: np.ndarray, labels: np.ndarray, thresholds=THRESHOL
     positives = int((labels == 1).sum() // 2)
     upper = np.triu_indices(n, 1)
     sims, lab = (vectors @ vectors.T)[upper], labels[upper]
+    both_fmnist = fmnist[upper[0]] & fmnist[upper[1]]
     curve = []
     for t in thresholds:
         tp = fp = 0
@@ -309,7 +312,9 @@ def duplicate_curve(vectors: np.ndarray, labels: np.ndarray, thresholds=THRESHOL
             tp, fp = tp + int((sub == 1).sum() // 2), fp + int((sub == -1).sum() // 2)
         hit = sims >= t
         curve.append({"threshold": float(t), **_pr(tp, fp, positives), "group_pairs": tp + fp,
-                      "pairs": _pr(int((hit & (lab == 1)).sum()), int((hit & (lab == -1)).sum()), positives)})
+                      "pairs": {**_pr(int((hit & (lab == 1)).sum()), int((hit & (lab == -1)).sum()), positives),
+                                "wrong_between_fmnist": int((hit & (lab == -1) & both_fmnist).sum()),
+                                "wrong": int((hit & (lab == -1)).sum())}})
     return curve
 
 
@@ -317,10 +322,11 @@ def run_duplicates(bench: PhotoBenchmark, rmacs: dict[str, dict[str, np.ndarray]
     """The curve of each network's R-MAC (plain and whitened), and its best-F1 threshold
     (on the groups, what the command reports)."""
     labels = pair_labels(bench)
+    fmnist = np.array([it.level == "fmnist" for it in bench.queries + bench.database])
     out = {"easy_pairs": int((labels == 1).sum() // 2), "rows": {}}
     for name, feats in rmacs.items():
         for feat, v in feats.items():
-            curve = duplicate_curve(l2n(v), labels)
+            curve = duplicate_curve(l2n(v), labels, fmnist)
             best = max(curve, key=lambda c: (c["f1"], c["threshold"]))
             out["rows"][f"{name} {feat}"] = {"curve": curve, "best": best}
             print(f"duplicates {name + ' ' + feat:46s} best T {best['threshold']:.3f} P {best['precision']:.3f} "

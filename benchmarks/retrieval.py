@@ -227,6 +227,7 @@ def photo_descriptors(net: Network | None, images: list, whitening: PCAWhitening
 
 
 def _scores(queries: np.ndarray, database: np.ndarray, bench: PhotoBenchmark) -> dict[str, Any]:
+    """Revisited mAP and mP@k per setting of ``(Q, D)`` queries against ``(N, D)`` database rows."""
     res = revisited_map(rank_database(queries @ database.T), bench.gnd)
     return {s: {"map": r.map, "mp": dict(zip(map(str, r.kappas), map(float, r.mp)))} for s, r in res.items()}
 
@@ -281,6 +282,7 @@ def pair_labels(bench: PhotoBenchmark) -> np.ndarray:
 
 
 def _pr(tp: int, fp: int, positives: int) -> dict[str, float]:
+    """Precision, recall and F1 of ``tp`` right and ``fp`` wrong pairs out of ``positives``."""
     p = tp / (tp + fp) if tp + fp else 1.0
     r = tp / positives if positives else float("nan")
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
@@ -412,6 +414,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- tables and main
 
 def category_table(r: dict[str, Any]) -> str:
+    """Markdown table of the category part's result."""
     lines = [f"Fashion-MNIST: {r['queries']:,} test queries, {r['database']:,} training images as the database, "
              f"relevant = same class ({r['classes']} classes).", "",
              "| features | dim | similarity | mAP@all | mAP@1000 |", "|---|---:|---|---:|---:|"]
@@ -422,6 +425,7 @@ def category_table(r: dict[str, Any]) -> str:
 
 
 def instance_table(r: dict[str, Any]) -> str:
+    """Markdown table of the instance part's result."""
     c = r["counts"]
     lines = [f"{c['photos']} photographs, {c['queries']} queries, {c['database']:,} database images ({c['views']} views "
              f"of the photographs, the rest distractors); {c['easy_pairs']} easy, {c['hard_pairs']} hard, "
@@ -438,6 +442,7 @@ def instance_table(r: dict[str, Any]) -> str:
 
 
 def duplicates_table(r: dict[str, Any]) -> str:
+    """Markdown tables (summary and curve) of the duplicates part's result."""
     lines = [f"{r['easy_pairs']} Easy pairs among the queries and database images.", "",
              "| R-MAC of | best-F1 T (groups) | precision | recall | F1 | T = 0.95: precision | recall |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -458,6 +463,7 @@ def duplicates_table(r: dict[str, Any]) -> str:
 
 
 def speed_table(r: dict[str, Any]) -> str:
+    """Markdown tables of the speed part's result."""
     lines = [f"torch threads {r['torch_threads']}, faiss threads {r['faiss_threads']}; random inputs, batches of 32, "
              "multi-scale R-MAC (scales 1, 0.707, 0.5) through `iter_features`.", "",
              "| network | input | images/s |", "|---|---:|---:|"]
@@ -490,6 +496,7 @@ def replace_between(path: Path, name: str, text: str) -> None:
 
 
 def write_docs(result: dict[str, Any]) -> None:
+    """Each part's table, machine and command into its marked section of the docs."""
     for part, render in TABLES.items():
         if part in result:
             r = result[part]
@@ -499,6 +506,7 @@ def write_docs(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line; ``--checkpoint NAME=PATH`` pairs are checked (one-line error)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
@@ -529,6 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the requested parts, print their tables, write the JSON (after each part)."""
     args = parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     info = machine_info()

@@ -96,6 +96,7 @@ def load_photo(name: str) -> Image.Image:
 
 
 def _clip_box(cx: float, cy: float, side: float, w: int, h: int) -> tuple[float, float, float]:
+    """A square box ``(x, y, side)`` centred near ``(cx, cy)``, moved inside a ``w x h`` image."""
     side = min(side, w, h)
     return (min(max(cx - side / 2, 0.0), w - side), min(max(cy - side / 2, 0.0), h - side), side)
 

@@ -68,8 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("category", "instance", "duplicates", "speed")
 DESCRIBERS = {"rmac": rmac, "mac": mac, "spoc": spoc}
 SIZES = {
-    "quick": {"queries": 200, "database": 1000, "photos": PHOTOS[:3], "queries_per_photo": 1, "views": 2,
-              "photo_distractors": 8, "fmnist_distractors": 8, "alexnet_size": 96, "index_n": 5_000,
+    "quick": {"queries": 100, "database": 500, "photos": PHOTOS[:3], "queries_per_photo": 1, "views": 2,
+              "photo_distractors": 8, "fmnist_distractors": 8, "alexnet_size": 96, "index_n": 2_000,
               "index_queries": 50, "speed_images": 8},
     "full": {"queries": 10_000, "database": 60_000, "photos": PHOTOS, "queries_per_photo": 3, "views": 4,
              "photo_distractors": 1000, "fmnist_distractors": 1000, "alexnet_size": 224, "index_n": 1_000_000,
@@ -512,8 +512,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                     help="a trained network to add (run directory or .pt); repeatable")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    ap.add_argument("--queries", type=int, help="Fashion-MNIST queries (default 10,000; quick 200)")
-    ap.add_argument("--database", type=int, help="Fashion-MNIST database images (default 60,000; quick 1,000)")
+    ap.add_argument("--queries", type=int, help="Fashion-MNIST queries (default 10,000; quick 100)")
+    ap.add_argument("--database", type=int, help="Fashion-MNIST database images (default 60,000; quick 500)")
     ap.add_argument("--index-n", type=int, help="vectors in the speed part's index (default 1,000,000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the photograph benchmark")
     ap.add_argument("--no-baselines", action="store_true",

@@ -98,7 +98,7 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
     for part in r.values():
         assert part["mode"] == "quick" and part["machine"] and "retrieval.py --quick" in part["command"]
     cat = r["category"]
-    assert (cat["queries"], cat["database"], cat["classes"]) == (200, 1000, 10)
+    assert (cat["queries"], cat["database"], cat["classes"]) == (100, 500, 10)
     assert set(cat["rows"]) == {"raw pixels", "random alexnet_small (28 px) fc7", "random alexnet_small (28 px) rmac"}
     for row in cat["rows"].values():
         assert 0.1 <= row["map_all"] <= 1 and 0.1 <= row["map_1000"] <= 1  # 10 classes: chance is about 0.1
@@ -114,5 +114,5 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
         assert recalls == sorted(recalls, reverse=True)  # a higher threshold never finds more pairs
     speed = r["speed"]
     assert all(e["images_per_s"] > 0 for e in speed["extraction"])
-    assert speed["index"]["n"] == 5000 and 0 <= speed["index"]["ivfpq"]["recall_at_10"] <= 1
+    assert speed["index"]["n"] == 2000 and 0 <= speed["index"]["ivfpq"]["recall_at_10"] <= 1
     assert "| network | input | descriptor |" in p.stdout

@@ -219,7 +219,30 @@ def multiscale(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Te
     Returns:
         ``(B, D)`` float32, rows L2-normalised.
     """
-    return _l2(sum(describe(fmap) for fmap in _scaled_maps(images, conv_map, scales)))
+    return multiscale_many(images, conv_map, {"d": describe}, scales)["d"]
+
+
+def multiscale_many(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Tensor],
+                    describers: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                    scales: Sequence[float] = SCALES) -> dict[str, torch.Tensor]:
+    """Several :func:`multiscale` descriptors from one pass per scale: the conv map of
+    each rescaled batch is computed once and given to every describer.
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+        conv_map: images -> ReLU'd conv map ``(B, C, h, w)``.
+        describers: name -> conv map -> ``(B, D_name)`` (e.g. ``{"rmac": rmac, "mac": mac}``).
+        scales: the image scales (each > 0).
+
+    Returns:
+        name -> ``(B, D_name)`` float32, rows L2-normalised (summed over scales, then L2).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for fmap in _scaled_maps(images, conv_map, scales):
+        for name, describe in describers.items():
+            d = describe(fmap)
+            sums[name] = d if name not in sums else sums[name] + d
+    return {name: _l2(v) for name, v in sums.items()}
 
 
 def multiscale_regions(images: torch.Tensor, conv_map: Callable[[torch.Tensor], torch.Tensor],

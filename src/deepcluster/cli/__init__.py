@@ -29,6 +29,16 @@ def add_epoch_flag(p: argparse.ArgumentParser) -> None:
                    "with train --keep-every) or 'best' (best.pt, train --eval-every); default: the last")
 
 
+def add_run_command(sub: argparse._SubParsersAction, name: str, text: str, description: str,
+                    dest: str = "run_dir", metavar: str = "RUN_DIR",
+                    what: str = "the --output-dir of a `deepcluster train` run") -> argparse.ArgumentParser:
+    """A subcommand on one run: ``NAME RUN [--epoch E|best] ...``."""
+    p = sub.add_parser(name, help=text, description=description)
+    p.add_argument(dest, metavar=metavar, help=what)
+    add_epoch_flag(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepcluster", description="DeepCluster: unsupervised convnet features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")

@@ -19,7 +19,7 @@ import io
 import logging
 from pathlib import Path
 
-from . import add_epoch_flag
+from . import add_run_command
 
 logger = logging.getLogger("deepcluster")
 
@@ -27,12 +27,11 @@ METHODS_HELP = "kmeans (default), spectral, leiden, umap-gmm, umap-kmeans or mer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cluster", help="group a run's images into K clusters (the final clustering stage)",
-                       description="Cluster the images of a run's data set into K groups with a final clustering "
+    p = add_run_command(sub, "cluster", "group a run's images into K clusters (the final clustering stage)",
+                        "Cluster the images of a run's data set into K groups with a final clustering "
                                    "method and write one CSV row per image: index, image, cluster, confidence, "
-                                   "distance. See docs/CLUSTERS.md.")
-    p.add_argument("run", metavar="RUN_DIR_OR_FILE", help="run directory (its checkpoint.pt) or a .pt file")
-    add_epoch_flag(p)
+                                   "distance. See docs/CLUSTERS.md.",
+                        dest="run", metavar="RUN_DIR_OR_FILE", what="run directory (its checkpoint.pt) or a .pt file")
     p.add_argument("--k", type=int, required=True, help="number of groups K")
     p.add_argument("--method", default="kmeans", help=METHODS_HELP)
     p.add_argument("--output", "-o", help="CSV file (default: RUN/eval/final-<method>-k<K>-<split>.csv)")

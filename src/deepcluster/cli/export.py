@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_epoch_flag
+from . import add_run_command
 
 
 # The choices of deepcluster.export, repeated here so that building the parser does not
@@ -14,12 +14,10 @@ FEATURE_KINDS = ("pca", "fc7")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write every image's cluster (CSV, Parquet or .npy)",
-                       description="Write one row per training image: its index in the data set, path (folders), "
+    p = add_run_command(sub, "export", "write every image's cluster (CSV, Parquet or .npy)",
+                        "Write one row per training image: its index in the data set, path (folders), "
                        "label (labelled data sets) and cluster at the last epoch; with --features also the "
                        "squared distance to its centroid and the feature vector.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `deepcluster train` run")
-    add_epoch_flag(p)
     p.add_argument("--format", choices=FORMATS, default="csv", help="csv (default), parquet (needs pyarrow) or npy "
                    "(a structured array: np.load(FILE)['cluster'])")
     p.add_argument("--output", "-o", help="output file (default RUN_DIR/clusters.FORMAT; '-' = CSV on stdout)")

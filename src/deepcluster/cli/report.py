@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import add_epoch_flag
+from . import add_run_command
 
 logger = logging.getLogger("deepcluster")
 
@@ -20,12 +20,10 @@ class _Defaults:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     d = _Defaults
-    p = sub.add_parser("report", help="write the HTML report of a run",
-                       description="Write RUN_DIR/report/index.html: training curves, cluster sizes, filters, "
+    p = add_run_command(sub, "report", "write the HTML report of a run",
+                        "Write RUN_DIR/report/index.html: training curves, cluster sizes, filters, "
                        "top-activating images, synthesised filters, nearest neighbours and cluster contact "
                        "sheets, as PNG files beside a static page that opens from disk.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `deepcluster train` run")
-    add_epoch_flag(p)
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--layer", default=d.layer, help=f"conv layer for top images and synthesis (default {d.layer})")
     p.add_argument("--sample", type=int, default=d.sample,

@@ -42,46 +42,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--filters", type=_int_list, help="filter indices, e.g. 0,5,17 (default: a random sample)")
         q.add_argument("--num-filters", type=int, default=8, help="random filters when --filters is not given")
 
-    q = figs.add_parser("curves", help="training curves and the cluster-size histogram")
-    common(q)
-    q.set_defaults(func=cmd_curves)
+    def figure(name: str, text: str, func, *parts, computes: bool = True) -> argparse.ArgumentParser:
+        q = figs.add_parser(name, help=text)
+        common(q, computes)
+        for part in parts:
+            part(q)
+        q.set_defaults(func=func)
+        return q
 
-    q = figs.add_parser("filters", help="first-layer filters as an image grid")
-    common(q, computes=False)  # the weights as they are: nothing random, nothing computed
-    q.set_defaults(func=cmd_filters)
-
-    q = figs.add_parser("top-images", help="top-activating images of filters of a layer")
-    common(q)
-    filter_choice(q)
-    sampled(q)
+    figure("curves", "training curves and the cluster-size histogram", cmd_curves)
+    # the weights as they are: nothing random, nothing computed
+    figure("filters", "first-layer filters as an image grid", cmd_filters, computes=False)
+    q = figure("top-images", "top-activating images of filters of a layer", cmd_top, filter_choice, sampled)
     q.add_argument("--k", type=int, default=9, help="images per filter (default 9)")
-    q.set_defaults(func=cmd_top)
-
-    q = figs.add_parser("synthesize", help="images synthesised by gradient ascent to maximise filters")
-    common(q)
-    filter_choice(q)
+    q = figure("synthesize", "images synthesised by gradient ascent to maximise filters", cmd_synthesize, filter_choice)
     q.add_argument("--steps", type=int, default=200, help="gradient steps (default 200)")
     q.add_argument("--lr", type=float, default=0.05, help="RMS change per input value per step (default 0.05)")
     q.add_argument("--weight-decay", type=float, default=1e-4, help="weight of ||x||^2 (default 1e-4)")
     q.add_argument("--blur-every", type=int, default=4, help="blur every N steps (default 4; 0: never)")
     q.add_argument("--blur-sigma", type=float, default=0.5, help="blur standard deviation in pixels (default 0.5)")
-    q.set_defaults(func=cmd_synthesize)
-
-    q = figs.add_parser("neighbors", help="nearest neighbours of query images, random network vs trained")
-    common(q)
-    sampled(q)
+    q = figure("neighbors", "nearest neighbours of query images, random network vs trained", cmd_neighbors, sampled)
     q.add_argument("--queries", type=int, default=6, help="query images (default 6)")
     q.add_argument("--k", type=int, default=4, help="neighbours per query and network (default 4)")
-    q.set_defaults(func=cmd_neighbors)
-
-    q = figs.add_parser("clusters", help="contact sheets of clusters, with purity when labelled")
-    common(q)
+    q = figure("clusters", "contact sheets of clusters, with purity when labelled", cmd_clusters)
     q.add_argument("--clusters", type=_int_list, help="cluster ids, e.g. 3,17 (default: largest/smallest/random)")
     q.add_argument("--largest", type=int, default=3)
     q.add_argument("--smallest", type=int, default=3)
     q.add_argument("--random", type=int, default=3)
     q.add_argument("--per-cluster", type=int, default=32, help="images per sheet (default 32)")
-    q.set_defaults(func=cmd_clusters)
 
 
 def _out(args: argparse.Namespace) -> Path:

@@ -151,3 +151,31 @@ def test_resume_without_config_yaml_takes_the_checkpoint_s_settings(folder_run, 
 
     state = load_checkpoint(run)
     assert state["epoch"] == 2 and state["meta"]["k"] == 3
+
+
+def test_eval_on_a_read_only_run_folder_fails_before_any_work(folder_run, monkeypatch):
+    """The check comes before the data are read (it took 164 s of work to fail before);
+    a read-only file system is simulated: as root, permissions cannot make one here."""
+    import errno
+
+    import deepcluster.eval.context as context
+    import deepcluster.rundir as rundir
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def never(*a, **k):
+        raise AssertionError("the evaluation data were read before the writability check")
+
+    monkeypatch.setattr(rundir, "writable_dir", read_only)
+    monkeypatch.setattr(context, "load_eval_data", never)
+    _, run = folder_run
+    with pytest.raises(rundir.RunDirError, match="is not writable .Read-only file system."):
+        context.open_checkpoint(run)
+
+
+def test_a_failed_viz_leaves_no_empty_folder(folder_run, tmp_path):
+    _, run = folder_run
+    out = tmp_path / "figs"
+    line = error_line(cli("viz", "top-images", str(run), "--layer", "conv9", "--out", str(out)))
+    assert "conv9" in line and not out.exists()

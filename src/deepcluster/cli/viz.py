@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         common(q, computes)
         for part in parts:
             part(q)
-        q.set_defaults(func=func)
+        q.set_defaults(func=_tidy(func))
         return q
 
     figure("curves", "training curves and the cluster-size histogram", cmd_curves)
@@ -72,12 +72,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--per-cluster", type=int, default=32, help="images per sheet (default 32)")
 
 
+def _target(args: argparse.Namespace) -> Path:
+    run = Path(args.run)
+    return Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "viz"
+
+
+def _tidy(cmd):
+    """``cmd`` that, when it fails, removes the output folder it created if it is still empty."""
+    def run(args: argparse.Namespace) -> int:
+        target = _target(args)
+        existed = target.exists()
+        try:
+            return cmd(args)
+        except BaseException:
+            if not existed and target.is_dir() and not any(target.iterdir()):
+                target.rmdir()
+            raise
+    return run
+
+
 def _out(args: argparse.Namespace) -> Path:
     from ..rundir import ensure_writable_dir
 
-    run = Path(args.run)
-    base = run if run.is_dir() else run.parent
-    return ensure_writable_dir(args.out or base / "viz")
+    return ensure_writable_dir(_target(args))
 
 
 def _load(args: argparse.Namespace):

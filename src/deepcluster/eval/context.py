@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import CheckpointError, load_model, saved_config
 from ..io import atomic_write
 from ..machine import machine_info
+from ..rundir import ensure_writable_dir
 from ..models import DeepClusterNet
 from .features import Encoder, FeatureStore, NetEncoder, PixelEncoder, is_greyscale
 from .splits import EvalData, load_eval_data
@@ -197,6 +198,7 @@ def open_checkpoint(checkpoint: str | Path, *, protocol: str = "eval", data: str
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     model, state = load_model(checkpoint, map_location=device)
+    ensure_writable_dir(results_dir_for(checkpoint))  # a read-only run folder fails now, not after the work
     name, root = _resolve_data(state, data, data_root)
     ev = load_eval_data(name, root, model.image_size, protocol=protocol, test_root=test_root, subset=subset,
                         test_subset=test_subset, val_fraction=val_fraction, seed=seed, download=download)

@@ -547,6 +547,8 @@ def final_merge(x: np.ndarray, k: int, seed: int = 0, *, fine_assignments: np.nd
     return _finish(z, labels, k, _agreement(idx, labels), "merge", t0, {"fine_clusters": c})
 
 
+from .scan import final_scan  # noqa: E402  (scan.py builds on the helpers above)
+
 FINAL_METHODS: dict[str, Callable[..., FinalClusters]] = {
     "kmeans": final_kmeans,
     "spectral": final_spectral,
@@ -554,6 +556,7 @@ FINAL_METHODS: dict[str, Callable[..., FinalClusters]] = {
     "umap-gmm": final_umap_gmm,
     "umap-kmeans": final_umap_kmeans,
     "merge": final_merge,
+    "scan": final_scan,
 }
 
 

@@ -21,8 +21,11 @@ always measured in that space, so the methods can be compared row by row:
   ``umap-kmeans`` runs k-means on the same embedding instead.
 - ``merge``: a run's own ``k_fine`` training clusters merged into ``K`` by average-linkage
   agglomeration on how often their members are each other's nearest neighbours.
+- ``scan``: SCAN (Van Gansbeke et al., ECCV 2020) on the frozen features: linear heads
+  trained so that neighbours agree, then self-labelling of the confident rows
+  (:mod:`deepcluster.clustering.scan`, which says what stands in for its augmentations).
 
-``spectral``, ``kmeans`` and ``merge`` need only the core dependencies (faiss, scipy);
+``spectral``, ``kmeans``, ``merge`` and ``scan`` need only the core dependencies (faiss, scipy);
 ``leiden`` needs leidenalg and igraph, the UMAP methods umap-learn and scikit-learn
 (``pip install 'deepcluster[cluster]'``). They are imported when a method runs.
 """

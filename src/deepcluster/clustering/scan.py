@@ -24,7 +24,11 @@ What differs from the paper, because the features are frozen: the paper's views 
 image augmentations (crops and flips for the weak view, RandAugment and Cutout for the
 strong one); here the weak view is the row itself and the strong view is the row with
 dropout (``p = 0.5``, each kept coordinate scaled by 2) plus Gaussian noise. No image is
-ever seen again. The paper's exponential moving average of the weights is not used.
+ever seen again. The paper's exponential moving average of the weights is not used. The
+heads see the rows centred and scaled by one factor so that a coordinate has unit
+variance on average (the scale of the backbone outputs the paper's learning rate was
+set for; the geometry is unchanged). Linear heads cut the feature space by hyperplanes,
+so groups no hyperplane separates (two moons) are out of reach.
 Everything runs on the CPU in float32 under its own seeded random stream (the global
 torch generator is restored afterwards), so the same features and seed give the same
 groups.

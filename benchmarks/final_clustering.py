@@ -22,7 +22,7 @@ runs). Single process, one thread:
         [--checkpoint runs/fmnist-preset/checkpoint.pt] [--sets ...] [--update]
 
 Prints a Markdown table and writes ``docs/benchmarks/final_clustering.json``
-(``--update`` keeps the sets already there that this call does not measure).
+(``--update`` keeps the sets and methods already there that this call does not measure).
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=None, choices=SETS,
                     help="feature sets (default: all; 'trained' only with --checkpoint)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained run's checkpoint.pt (or run directory)")
-    ap.add_argument("--update", action="store_true", help="keep the sets of --out that this call does not measure")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the sets and methods of --out that this call does not measure")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/final_clustering.json")
     args = ap.parse_args()
     sets = args.sets or [x for x in SETS if x != "trained" or args.checkpoint]
@@ -178,7 +179,8 @@ def main() -> None:
     results: dict[str, dict] = dict(old.get("results", {}))
     for name, make in feature_sets(sets, args.subset, args.checkpoint).items():
         x, labels, notes = make()
-        results[name] = {"images": int(x.shape[0]), **notes, "methods": {}}
+        kept = results.get(name, {}).get("methods", {})  # --update: the methods this call does not run stay
+        results[name] = {"images": int(x.shape[0]), **notes, "methods": kept}
         for method in args.methods:
             runs = [run_method(method, x, labels, seed) for seed in range(args.seeds)]
             results[name]["methods"][method] = {"runs": runs, "summary": summary(runs)}

@@ -36,6 +36,23 @@ def test_scan_loss_against_hand_computation():
     assert S.scan_loss(one, one.flip(1))[1].item() == pytest.approx(-math.log(1e-8), rel=1e-6)
 
 
+def test_head_choice_loss_is_the_scan_loss_over_all_neighbour_pairs():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((50, 6)).astype(np.float32))
+    nbrs = torch.from_numpy(_brute_knn(x.numpy(), 4))
+    torch.manual_seed(0)
+    model = S.ScanHeads(6, 3, n_heads=2)
+    got = S._head_losses(model, x, nbrs, 5.0)
+    for head, value in zip(model.heads, got):
+        logits = x.double().numpy() @ head.weight.detach().double().numpy().T + head.bias.detach().double().numpy()
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        pairs = [(i, j) for i in range(50) for j in nbrs[i].tolist()]  # every row with each of its 4 neighbours
+        cons = -np.mean([math.log(max(p[i] @ p[j], 1e-8)) for i, j in pairs])
+        mean = p.mean(0)
+        assert value == pytest.approx(cons + 5.0 * float((mean * np.log(mean)).sum()), abs=1e-5)
+
+
 def test_separated_blobs_recovered_and_contract():
     x, labels = _blobs()
     res = final_clustering(x, 5, "scan", seed=0)
@@ -101,6 +118,7 @@ def test_strong_view_is_dropout_plus_noise():
     ({"n_heads": True}, r"scan: n_heads must be an integer >= 1, got True"),
     ({"selflabel_epochs": -1}, r"scan: selflabel_epochs must be an integer >= 0"),
     ({"threshold": 1.5}, r"scan: threshold must be in \[0, 1\]"),
+    ({"threshold": "high"}, r"scan: threshold must be in \[0, 1\], got 'high'"),
     ({"entropy_weight": float("nan")}, r"scan: entropy_weight must be a finite number >= 0"),
     ({"labels": np.zeros(10)}, r"unknown option\(s\) \['labels'\]"),
 ])

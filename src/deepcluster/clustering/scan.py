@@ -95,20 +95,21 @@ def scan_loss(p_anchor: torch.Tensor, p_neighbor: torch.Tensor,
     Returns:
         ``(total, consistency, entropy)`` scalars: ``consistency = -mean_i log <p_i, p_j>``,
         ``entropy = H(mean_i p_i)`` (natural log; the mean over the anchors), and
-        ``total = consistency - entropy_weight * entropy``. Both logs are clamped at
-        ``1e-8``, as in the paper's code.
+        ``total = consistency - entropy_weight * entropy``. The dot products and the
+        mean probabilities are clamped at ``1e-8`` before their logs, as in the
+        paper's code.
     """
     dot = (p_anchor * p_neighbor).sum(1)
     consistency = -torch.log(dot.clamp_min(_EPS)).mean()
-    mean = p_anchor.mean(0)
-    entropy = -(mean * torch.log(mean.clamp_min(_EPS))).sum()
+    mean = p_anchor.mean(0).clamp_min(_EPS)
+    entropy = -(mean * torch.log(mean)).sum()
     return consistency - entropy_weight * entropy, consistency, entropy
 
 
 def _scale(z: np.ndarray) -> torch.Tensor:
-    """``(N, D)`` float32 rows as the heads see them: centre the rows and scale them so each coordinate has unit variance on average
-    (one factor for all coordinates: the geometry is kept, only the scale a randomly
-    initialised linear layer expects is set)."""
+    """``(N, D)`` float32 rows as the heads see them: centred, and scaled so that a
+    coordinate has unit variance on average (one factor for all coordinates: the
+    geometry is kept, only the scale the paper's learning rate was set for)."""
     c = z.astype(np.float64) - z.mean(0, dtype=np.float64)
     s = math.sqrt(max(float((c * c).mean()), 1e-12))
     return torch.from_numpy((c / s).astype(np.float32))
@@ -142,15 +143,12 @@ def _train_scan(model: ScanHeads, x: torch.Tensor, nbrs: torch.Tensor, epochs: i
 
 @torch.no_grad()
 def _head_losses(model: ScanHeads, x: torch.Tensor, nbrs: torch.Tensor, entropy_weight: float) -> list[float]:
-    """SCAN loss of every head over all rows and all their neighbours (no augmentation)."""
-    probs = [nnf.softmax(o, 1) for o in model(x)]
-    m = nbrs.shape[1]
-    anchors = torch.arange(x.shape[0]).repeat_interleave(m)
+    """SCAN loss of every head over all ``N m`` (row, neighbour) pairs, no augmentation:
+    the mean over the ``m`` neighbour columns (the entropy term is the same in each)."""
     out = []
-    for p in probs:
-        _, cons, _ = scan_loss(p[anchors], p[nbrs.reshape(-1)], entropy_weight)
-        _, _, ent = scan_loss(p, p, entropy_weight)
-        out.append(float(cons - entropy_weight * ent))
+    for p in (nnf.softmax(o, 1) for o in model(x)):
+        per_column = [scan_loss(p, p[nbrs[:, c]], entropy_weight)[0] for c in range(nbrs.shape[1])]
+        out.append(float(torch.stack(per_column).mean()))
     return out
 
 
@@ -159,18 +157,17 @@ def _self_label(head: nn.Linear, x: torch.Tensor, epochs: int, batch: int,
     """Self-labelling: cross-entropy of the strong view against the weak view's cluster,
     on the rows the weak view puts above ``threshold`` (re-chosen every batch, as the
     paper). Returns the number of confident rows before the first epoch."""
-    net = head
     with torch.no_grad():
-        start = int((nnf.softmax(net(x), 1).max(1).values > threshold).sum())
-    opt = torch.optim.SGD(net.parameters(), lr=SELFLABEL_LR, momentum=MOMENTUM)
+        start = int((nnf.softmax(head(x), 1).max(1).values > threshold).sum())
+    opt = torch.optim.SGD(head.parameters(), lr=SELFLABEL_LR, momentum=MOMENTUM)
     for _ in range(epochs):
         for b in _batches(x.shape[0], batch):
             with torch.no_grad():
-                conf, target = nnf.softmax(net(x[b]), 1).max(1)
+                conf, target = nnf.softmax(head(x[b]), 1).max(1)
             keep = conf > threshold
             if not bool(keep.any()):
                 continue
-            loss = nnf.cross_entropy(net(_strong(x[b][keep])), target[keep])
+            loss = nnf.cross_entropy(head(_strong(x[b][keep])), target[keep])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -178,9 +175,15 @@ def _self_label(head: nn.Linear, x: torch.Tensor, epochs: int, batch: int,
 
 
 def _check_count(name: str, value: int, low: int = 1) -> int:
+    """``value`` as an int, or a one-line error naming the option ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise FinalClusteringError(f"scan: {name} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def _real(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def final_scan(x: np.ndarray, k: int, seed: int = 0, *, n_neighbors: int = SCAN_NEIGHBORS,
@@ -218,9 +221,9 @@ def final_scan(x: np.ndarray, k: int, seed: int = 0, *, n_neighbors: int = SCAN_
     n_heads, epochs, batch_size = (_check_count(n, v) for n, v in
                                    (("n_heads", n_heads), ("epochs", epochs), ("batch_size", batch_size)))
     selflabel_epochs = _check_count("selflabel_epochs", selflabel_epochs, 0)
-    if not 0.0 <= float(threshold) <= 1.0:
+    if not _real(threshold) or not 0.0 <= threshold <= 1.0:
         raise FinalClusteringError(f"scan: threshold must be in [0, 1], got {threshold!r}")
-    if not (math.isfinite(float(entropy_weight)) and entropy_weight >= 0):
+    if not _real(entropy_weight) or not (math.isfinite(entropy_weight) and entropy_weight >= 0):
         raise FinalClusteringError(f"scan: entropy_weight must be a finite number >= 0, got {entropy_weight!r}")
     nbrs = torch.from_numpy(_neighbors(z, n_neighbors))
     xs = _scale(z)

@@ -23,7 +23,7 @@ from . import add_run_command
 
 logger = logging.getLogger("deepcluster")
 
-METHODS_HELP = "kmeans (default), spectral, leiden, umap-gmm, umap-kmeans or merge"
+METHODS_HELP = "kmeans (default), spectral, leiden, umap-gmm, umap-kmeans, merge or scan"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -21,8 +21,11 @@ always measured in that space, so the methods can be compared row by row:
   ``umap-kmeans`` runs k-means on the same embedding instead.
 - ``merge``: a run's own ``k_fine`` training clusters merged into ``K`` by average-linkage
   agglomeration on how often their members are each other's nearest neighbours.
+- ``scan``: SCAN (Van Gansbeke et al., ECCV 2020) on the frozen features: linear heads
+  trained so that neighbours agree, then self-labelling of the confident rows
+  (:mod:`deepcluster.clustering.scan`, which says what stands in for its augmentations).
 
-``spectral``, ``kmeans`` and ``merge`` need only the core dependencies (faiss, scipy);
+``spectral``, ``kmeans``, ``merge`` and ``scan`` need only the core dependencies (faiss, scipy);
 ``leiden`` needs leidenalg and igraph, the UMAP methods umap-learn and scikit-learn
 (``pip install 'deepcluster[cluster]'``). They are imported when a method runs.
 """
@@ -547,6 +550,8 @@ def final_merge(x: np.ndarray, k: int, seed: int = 0, *, fine_assignments: np.nd
     return _finish(z, labels, k, _agreement(idx, labels), "merge", t0, {"fine_clusters": c})
 
 
+from .scan import final_scan  # noqa: E402  (scan.py builds on the helpers above)
+
 FINAL_METHODS: dict[str, Callable[..., FinalClusters]] = {
     "kmeans": final_kmeans,
     "spectral": final_spectral,
@@ -554,6 +559,7 @@ FINAL_METHODS: dict[str, Callable[..., FinalClusters]] = {
     "umap-gmm": final_umap_gmm,
     "umap-kmeans": final_umap_kmeans,
     "merge": final_merge,
+    "scan": final_scan,
 }
 
 

@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 # The choices of deepcluster.retrieval.images, repeated so that building the parser does
 # not import torch; tests/test_retrieval_cli.py checks that the two agree.
 FEATURES = ("rmac", "fc7")
+
+logger = logging.getLogger("deepcluster")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +119,12 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     from ..io import write_text
     from ..retrieval.index import load_index, near_duplicates
 
-    groups = near_duplicates(load_index(args.index), args.threshold)
+    index = load_index(args.index)
+    if index.meta.feature == "rmac" and not index.info.get("whitening"):
+        logger.warning("%s holds R-MAC that is not whitened: similarities crowd near 1 and near-duplicates are not "
+                       "separable at any threshold (measured, docs/RETRIEVAL.md); re-index with --whiten DIR "
+                       "(a different set of images)", args.index)
+    groups = near_duplicates(index, args.threshold)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["group", "size", "path"])

@@ -78,6 +78,13 @@ class _Stream:
     def writable(self) -> bool:
         return True
 
+    def readable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:  # pyarrow's writer checks it
+        return self._f.closed
+
 
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(file_object)`` on a temp file, fsync, then rename onto ``path``.

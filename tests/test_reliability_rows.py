@@ -179,3 +179,76 @@ def test_a_failed_viz_leaves_no_empty_folder(folder_run, tmp_path):
     out = tmp_path / "figs"
     line = error_line(cli("viz", "top-images", str(run), "--layer", "conv9", "--out", str(out)))
     assert "conv9" in line and not out.exists()
+
+
+def _identity_png(path: Path, ident: int) -> None:
+    """A PNG whose pixels encode ``ident`` (the row check reads it back)."""
+    img = np.zeros((28, 28, 3), dtype=np.uint8)
+    img[0, 0] = (ident % 256, ident // 256, 77)
+    img[5:23, 5:23] = np.random.default_rng(ident).integers(0, 255, (18, 18, 3))
+    Image.fromarray(img).save(path)
+
+
+def _identity(path: str) -> int:
+    with Image.open(path) as im:
+        r, g, _ = im.convert("RGB").getpixel((0, 0))
+    return r + 256 * g
+
+
+MUTATIONS = ("none", "rename", "delete", "add", "rewrite", "dangling-link", "loop-link")
+
+
+@pytest.mark.parametrize("seed", range(len(MUTATIONS)))
+def test_generated_folders_and_changes_between_train_and_export(seed, tmp_path):
+    """Seeded generated cases: a random folder tree (nested directories, a corrupt file),
+    a 1-epoch run, a random change, then ``export``. Either every exported row names the
+    file whose pixels carry that row's identity, or one error line and every earlier
+    output byte-identical."""
+    rng = np.random.default_rng(seed)
+    images = tmp_path / "images"
+    dirs = [images / f"d{j}" for j in range(int(rng.integers(1, 4)))]
+    for d in dirs:
+        d.mkdir(parents=True)
+    n = int(rng.integers(16, 28))
+    for i in range(n):
+        _identity_png(dirs[int(rng.integers(len(dirs)))] / f"im{i:03d}.png", i)
+    (dirs[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    run = tmp_path / "run"
+    p = cli("train", "--data", "folder", "--data-root", str(images), "--output-dir", str(run), "--epochs", "1",
+            "--k", "2", "--pca-dim", "4", "--batch-size", "8", "--workers", "0", "--labels", "none")
+    assert p.returncode == 0, p.stderr
+    files = sorted(images.rglob("im*.png"))
+    mutation = MUTATIONS[seed]  # every kind once; the tree, the victim and the sizes from the seed
+    victim = files[int(rng.integers(len(files)))]
+    if mutation == "rename":
+        victim.rename(victim.with_name("zz_" + victim.name))
+    elif mutation == "delete":
+        victim.unlink()
+    elif mutation == "add":
+        _identity_png(dirs[-1] / "new.png", 999)
+    elif mutation == "rewrite":
+        _identity_png(victim, 998)
+    elif mutation == "dangling-link":
+        os.symlink(tmp_path / "nothere.png", dirs[0] / "dangling.png")
+    elif mutation == "loop-link":
+        os.symlink(".", dirs[0] / "loop")
+    before = snapshot(run)
+    out = tmp_path / "out.csv"
+    q = cli("export", str(run), "-o", str(out))
+    if mutation in ("none", "dangling-link", "loop-link"):  # the rows still name the same files
+        assert q.returncode == 0, (mutation, q.stderr)
+        import csv
+
+        rows = list(csv.DictReader(open(out, newline="")))
+        assert len(rows) == n
+        from deepcluster.data import Manifest
+
+        trained = Manifest.load(run / "manifest.npz").paths  # which file each training row was
+        assert [os.path.relpath(r["path"], images) for r in rows] == trained
+        np.testing.assert_array_equal([int(r["cluster"]) for r in rows], np.load(run / "assignments.npy")[-1])
+        for row in rows:  # and the file there now is the same picture
+            assert _identity(row["path"]) == int(Path(row["path"]).stem[2:])
+    else:
+        line = error_line(q)
+        assert "since the run started" in line, (mutation, line)
+        assert not out.exists() and snapshot(run) == before

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from ..features import eval_mode, iter_features
 from ..models import DeepClusterNet
 from .images import make_grid
 
@@ -53,22 +54,26 @@ def forward_pass(model: DeepClusterNet, images: torch.Tensor, layers: Sequence[s
         check_layer(model, layer)
     wanted = {model.conv_layers[name]: name for name in layers}
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    feats, scores = [], {name: [] for name in layers}
-    try:
-        for start in range(0, len(images), batch_size):
-            h = model.sobel(images[start:start + batch_size].to(device))
-            for i, module in enumerate(model.features):
-                h = module(h)
-                if i in wanted:
-                    scores[wanted[i]].append(h.amax(dim=(2, 3)).float().cpu())  # (B, C)
-            feats.append(model.features_from_backbone(h).float().cpu())  # (B, feature_dim): what is clustered
-    finally:
-        model.train(was_training)
-    cat = lambda xs, d: torch.cat(xs).numpy() if xs else np.zeros((0, d), np.float32)  # noqa: E731
-    return SamplePass(features=cat(feats, model.feature_dim),
-                      scores={name: cat(v, 0) for name, v in scores.items()})
+
+    def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, h = {}, model.sobel(x)
+        for i, module in enumerate(model.features):
+            h = module(h)
+            if i in wanted:
+                out[wanted[i]] = h.amax(dim=(2, 3))  # (B, C): each filter's strongest response
+        out["\0features"] = model.features_from_backbone(h)  # (B, feature_dim): what is clustered
+        return out
+
+    n = len(images)
+    batches = [(images[s:s + batch_size], torch.arange(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+    feats = np.zeros((n, model.feature_dim), np.float32)
+    scores: dict[str, np.ndarray] = {}
+    with eval_mode(model):
+        for idx, out, _ in iter_features(forward, batches, device, desc="forward pass"):
+            feats[idx] = out.pop("\0features")
+            for name, v in out.items():
+                scores.setdefault(name, np.zeros((n, v.shape[1]), np.float32))[idx] = v
+    return SamplePass(features=feats, scores={name: scores.get(name, np.zeros((0, 0), np.float32)) for name in layers})
 
 
 def top_activating(scores: np.ndarray, filters: Sequence[int], k: int = 9) -> np.ndarray:

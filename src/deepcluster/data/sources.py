@@ -518,9 +518,10 @@ class FolderSource(ImageSource):
         reasons = _decode_reasons(rootp, files) if check else [f.problem for f in files]
         self.skipped: list[tuple[str, str]] = [(display_path(f.path), r) for f, r in zip(files, reasons)
                                                if r is not None]
-        if self.skipped:
-            logger.warning("skipped %d of %d unreadable images under %s (first: %s — %s)",
-                           len(self.skipped), len(files), display_path(str(root)), *self.skipped[0])
+        if self.skipped:  # the same list on every rank: warned once, at debug level on the others
+            say = logger.warning if is_main_process() else logger.debug
+            say("skipped %d of %d unreadable images under %s (first: %s — %s)",
+                len(self.skipped), len(files), display_path(str(root)), *self.skipped[0])
         if check and len(self.skipped) > max_bad_fraction * len(files):
             raise DataError(
                 f"{len(self.skipped)} of {len(files)} images under {display_path(str(root))} are unreadable "

@@ -132,7 +132,9 @@ def replace_section(path: Path, name: str, text: str) -> None:
         doc = f"{before}{start}\n{text}\n{end}{after}"
     else:
         doc += f"\n{start}\n{text}\n{end}\n"
-    path.write_text(doc)
+    from deepcluster.io import write_text
+
+    write_text(path, doc)  # atomically
 
 
 if __name__ == "__main__":

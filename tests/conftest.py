@@ -1,6 +1,10 @@
 import gzip
+import multiprocessing as mp
 import os
+import queue
+import socket
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -92,3 +96,64 @@ def pytest_terminal_summary(terminalreporter) -> None:
         if getattr(mod, "__name__", "").endswith("test_reliability") and figures and any(figures.values()):
             terminalreporter.write_line(f"reliability figures: SIGKILL points survived {figures['sigkill']}, "
                                         f"bad files tried {figures['bad_files']}, committed bytes lost 0")
+
+
+# --------------------------------------------------------------------------- distributed jobs (gloo, spawned)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank: int, world: int, port: int, timeout_s: float, out: mp.Queue, kwargs: dict) -> None:
+    import torch
+
+    from deepcluster import distributed as D
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        D.init_distributed("cpu", timeout_s=timeout_s)
+        out.put((rank, True, fn(**kwargs)))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        out.put((rank, False, f"{type(e).__name__}: {e}"))
+    finally:
+        D.cleanup()
+
+
+def run_ranks(fn, world: int = 2, timeout_s: float = 60, deadline_s: float = 150, **kwargs) -> dict[int, tuple]:
+    """Run ``fn(**kwargs)`` on ``world`` spawned gloo ranks; ``{rank: (ok, result)}``.
+
+    ``timeout_s`` is the collective timeout; the whole job is killed after ``deadline_s``.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, timeout_s, q, kwargs), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple] = {}
+    end = time.monotonic() + deadline_s
+    try:
+        while len(results) < world:
+            try:
+                r, ok, res = q.get(timeout=1.0)
+                results[r] = (ok, res)
+                continue
+            except queue.Empty:
+                pass
+            dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+            if dead and q.empty():
+                pytest.fail(f"rank(s) {dead} died without a result (exit codes "
+                            f"{[procs[r].exitcode for r in dead]})")
+            if time.monotonic() > end:
+                pytest.fail(f"distributed job did not finish in {deadline_s}s; got ranks {sorted(results)}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return results

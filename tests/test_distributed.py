@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
-import os
-import queue
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_ranks
 from deepcluster import distributed as D
 from deepcluster.checkpoint import load_checkpoint
 from deepcluster.clustering import kmeans
@@ -39,59 +36,7 @@ CPU = torch.device("cpu")
 
 # --------------------------------------------------------------------------- harness
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(fn, rank: int, world: int, port: int, timeout_s: float, out: mp.Queue, kwargs: dict) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        D.init_distributed("cpu", timeout_s=timeout_s)
-        out.put((rank, True, fn(**kwargs)))
-    except BaseException as e:  # noqa: BLE001 - reported to the test
-        out.put((rank, False, f"{type(e).__name__}: {e}"))
-    finally:
-        D.cleanup()
-
-
-def run_ranks(fn, world: int = 2, timeout_s: float = 60, deadline_s: float = 150, **kwargs) -> dict[int, tuple]:
-    """Run ``fn(**kwargs)`` on ``world`` spawned gloo ranks; ``{rank: (ok, result)}``.
-
-    ``timeout_s`` is the collective timeout; the whole job is killed after ``deadline_s``.
-    """
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, timeout_s, q, kwargs), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple] = {}
-    end = time.monotonic() + deadline_s
-    try:
-        while len(results) < world:
-            try:
-                r, ok, res = q.get(timeout=1.0)
-                results[r] = (ok, res)
-                continue
-            except queue.Empty:
-                pass
-            dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
-            if dead and q.empty():
-                pytest.fail(f"rank(s) {dead} died without a result (exit codes "
-                            f"{[procs[r].exitcode for r in dead]})")
-            if time.monotonic() > end:
-                pytest.fail(f"distributed job did not finish in {deadline_s}s; got ranks {sorted(results)}")
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return results
+# run_ranks (conftest.py): fn on spawned gloo ranks, {rank: (ok, result)}
 
 
 # --------------------------------------------------------------------------- fixtures shared by the ranks
@@ -150,6 +95,7 @@ def _job_everything() -> dict:
         res = kmeans(x[shard], 6, niter=10, seed=3, backend=backend, indices=shard)
         full = D.gather_by_index(shard, torch.from_numpy(res.assignments), len(x)).numpy()
         out[f"kmeans_{backend}"] = (full, res.centroids, res.loss, res.sizes)
+    out["gathered"] = D.all_gather_object({"rank": D.rank(), "items": list(range(D.rank() + 1))})
     try:  # every rank sends index 0: 0 twice, 1 and 2 never
         D.gather_by_index(np.array([0]), torch.zeros(1, 2), 3)
     except ValueError as e:
@@ -278,6 +224,12 @@ def test_distributed_kmeans_equals_one_process(two_ranks, backend):
 
 
 @pytest.mark.distributed
+def test_all_gather_object_gives_every_rank_each_ranks_object_in_rank_order(two_ranks):
+    expected = [{"rank": 0, "items": [0]}, {"rank": 1, "items": [0, 1]}]  # unequal sizes travel whole
+    assert [r["gathered"] for r in two_ranks] == [expected, expected]
+    assert D.all_gather_object(("alone", 3)) == [("alone", 3)]  # no process group: a list of one
+
+
 def test_distributed_gather_refuses_duplicates_on_every_rank(two_ranks):
     for r in two_ranks:
         assert "1 sent more than once" in r["dup_error"] and "2 of 3 indices missing" in r["dup_error"]

@@ -205,6 +205,20 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process).
+
+    For small per-rank results (a few MB pickled): the objects travel whole, through
+    the GPU under NCCL; arrays of features go through :func:`gather_by_index` instead.
+    """
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    with collective_errors("all_gather_object"):
+        dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         with collective_errors("barrier"):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..distributed import all_gather_object, broadcast_object, is_distributed, is_main_process, shard_indices
 from .columns import ColumnFileError, read_columns, write_columns
 from .scan import IMAGE_EXTENSIONS, FoundFile, display_path, walk_images
 
@@ -346,7 +347,10 @@ class _ScanMemo:
 
 
 def _scan_threads() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
+    """Decoder threads of this process: the node's cores shared among the ranks on it
+    (``LOCAL_WORLD_SIZE``, set by torchrun), at most 16."""
+    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, per_rank))
 
 
 def _class_folders(rootp: Path) -> list[str]:
@@ -396,26 +400,81 @@ def _walk_folder(rootp: Path) -> tuple[list[FoundFile], list[str] | None, int]:
 
 def _decode_reasons(rootp: Path, files: list[FoundFile]) -> list[str | None]:
     """For each file, why it cannot be used (a string) or ``None``: the walk's reason
-    (dangling link, FIFO, no permission), else the memo's, else a full decode now."""
+    (dangling link, FIFO, no permission), else the memo's, else a full decode now.
+
+    Under a process group (torchrun) the folder is checked once per run, not once per
+    rank: rank 0 alone reads and writes the memo, the files left to decode are split over
+    the ranks (:func:`~deepcluster.distributed.shard_indices`), each rank decodes its
+    share and the reasons are all-gathered, so every rank ends with the same list and
+    each file is decoded exactly once over all ranks.
+    """
+    memo = _ScanMemo(rootp) if is_main_process() else None
+    reasons: list | None = None
+    if memo is not None:
+        reasons = [f.problem if f.problem is not None else memo.get(f) for f in files]
+    reasons, todo = _agree_on_files(rootp, files, reasons)
+    decoded = _decode_share(files, todo)
+    for i in todo:
+        reasons[i] = decoded[i]
+    if memo is not None:
+        memo.update((files[i], decoded[i]) for i in todo)
+        readable = [f for f in files if f.problem is None]
+        if len(todo) < len(readable):
+            logger.info("scan of %s: %d of %d images unchanged since the last scan, not decoded again (%s)",
+                        display_path(str(rootp)), len(readable) - len(todo), len(readable), memo.path)
+        memo.save(readable)
+    return reasons
+
+
+def _listing_key(files: Sequence[FoundFile]) -> str:
+    """A hash of the listing (paths, sizes, modification times), to compare it across ranks."""
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\0".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _agree_on_files(rootp: Path, files: Sequence[FoundFile], reasons: list | None) -> tuple[list, list[int]]:
+    """``(reasons, todo)``: rank 0's known reasons (``None`` where unknown) and the indices
+    of the files still to decode, the same on every rank.
+
+    Args:
+        reasons: on rank 0 (and in a single process) one entry per file, ``_UNKNOWN``
+            where the memo does not know it; ``None`` on the other ranks.
+
+    Raises:
+        DataError: the ranks do not list the same files (raised on every rank).
+    """
+    todo: list[int] = []
+    if reasons is not None:
+        todo = [i for i, r in enumerate(reasons) if r is _UNKNOWN]
+        reasons = [None if r is _UNKNOWN else r for r in reasons]
+    if not is_distributed():
+        return reasons, todo
+    keys = all_gather_object(_listing_key(files))
+    differ = [r for r, k in enumerate(keys) if k != keys[0]]
+    if differ:
+        raise DataError(f"rank(s) {', '.join(map(str, differ))} list other files under {display_path(str(rootp))} "
+                        "than rank 0 (the folder changed during the scan, or it is not the same on every node)")
+    return broadcast_object((reasons, todo) if is_main_process() else None)
+
+
+def _decode_share(files: Sequence[FoundFile], todo: Sequence[int]) -> dict[int, str | None]:
+    """``{index: reason or None}`` for every index in ``todo`` (the same list on every
+    rank), this rank decoding its :func:`~deepcluster.distributed.shard_indices` share
+    in threads and the shares all-gathered (all of them in a single process)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    memo = _ScanMemo(rootp)
-    reasons = [f.problem if f.problem is not None else memo.get(f) for f in files]
-    todo = [i for i, r in enumerate(reasons) if r is _UNKNOWN]
+    mine = [todo[j] for j in shard_indices(len(todo))]
     # Over-size images are refused explicitly in _check_image; the filter (global to
     # the process, so set once here, not per thread) only keeps PIL's warning quiet.
     with warnings.catch_warnings(), ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        decoded = list(pool.map(_check_image, [files[i].path for i in todo]))
-    for i, r in zip(todo, decoded):
-        reasons[i] = r
-    memo.update((files[i], r) for i, r in zip(todo, decoded))
-    readable = [f for f in files if f.problem is None]
-    if len(todo) < len(readable):
-        logger.info("scan of %s: %d of %d images unchanged since the last scan, not decoded again (%s)",
-                    display_path(str(rootp)), len(readable) - len(todo), len(readable), memo.path)
-    memo.save(readable)
-    return reasons
+        decoded = list(pool.map(_check_image, [files[i].path for i in mine]))
+    out: dict[int, str | None] = {}
+    for part in all_gather_object(list(zip(mine, decoded))):
+        out.update(part)
+    return out
 
 
 class FolderSource(ImageSource):
@@ -427,7 +486,8 @@ class FolderSource(ImageSource):
     (links followed, loops and second links to a directory not entered, a file reached
     twice listed once; docs/RELIABILITY.md "File-system hazards"); the content decides
     the decoder, so a PNG named ``.jpg`` is read. Every image is decoded once when the
-    source is built (in threads; files unchanged since the last scan of the folder are
+    source is built (in threads; under torchrun once over all ranks, each decoding its
+    share; files unchanged since the last scan of the folder are
     not decoded again, see :class:`_ScanMemo`). Files that cannot be used (dangling or
     looping links, FIFOs, no permission, truncated, empty, not an image, decompression
     bombs) are skipped, counted and listed in ``skipped`` as ``(display path, reason)``,
@@ -458,9 +518,10 @@ class FolderSource(ImageSource):
         reasons = _decode_reasons(rootp, files) if check else [f.problem for f in files]
         self.skipped: list[tuple[str, str]] = [(display_path(f.path), r) for f, r in zip(files, reasons)
                                                if r is not None]
-        if self.skipped:
-            logger.warning("skipped %d of %d unreadable images under %s (first: %s — %s)",
-                           len(self.skipped), len(files), display_path(str(root)), *self.skipped[0])
+        if self.skipped:  # the same list on every rank: warned once, at debug level on the others
+            say = logger.warning if is_main_process() else logger.debug
+            say("skipped %d of %d unreadable images under %s (first: %s — %s)",
+                len(self.skipped), len(files), display_path(str(root)), *self.skipped[0])
         if check and len(self.skipped) > max_bad_fraction * len(files):
             raise DataError(
                 f"{len(self.skipped)} of {len(files)} images under {display_path(str(root))} are unreadable "

@@ -104,13 +104,23 @@ def test_second_call_runs_nothing_again(sweep, tiny_mnist_root):
     assert again == json.loads((out / "sweep.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
-def test_unlabelled_data_skips_the_labelled_scores_and_says_so():
-    rows = [{"k": 3, "epochs": 1, "minutes": 0.5, "knn": None, "nmi": None, "acc": None, "rankme": 12.0,
-             "stability": 0.9, "nmi_prev": None, "size_min": 1, "size_median": 2.0, "size_max": 5,
-             "eval_note": "no labels: k-NN, NMI and ACC not measured"}]
-    md = table_markdown(rows)
-    assert "| 3 | 1 | 0.5 | — | — | — | 12.0 | 0.900 | — | 1/2/5 |" in md
+def test_unlabelled_data_skips_the_labelled_scores_and_says_so(tiny_mnist_root, tmp_path):
+    from deepcluster.data import build_source
+
+    images = tmp_path / "photos"  # a flat folder of images: no class sub-folders, no labels
+    images.mkdir()
+    source = build_source("fashion-mnist", str(tiny_mnist_root), "train", download=False)
+    for i in range(60):
+        source.load(i).save(images / f"{i:03d}.png")
+    overrides = {"data": {"name": "folder", "root": str(images)}, "cluster": {"pca_dim": 16},
+                 "optim": {"batch_size": 32}, "run": {"workers": 0}}
+    (row,) = run_sweep(overrides, [4], 1, tmp_path / "sweep")
+    assert (row["knn"], row["nmi"], row["acc"], row["labelled"]) == (None, None, None, False)
+    assert row["size_min"] + row["size_max"] <= 60 and 0 <= row["stability"] <= 1 and row["rankme"] > 0
+    md = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| 4 | 1 | " in md and " | — | — | — | " in md
     assert "Note: no labels: k-NN, NMI and ACC not measured." in md
+    assert not (tmp_path / "sweep" / "k4" / "eval" / "knn.json").exists()
 
 
 def test_list_of_k():

@@ -172,6 +172,11 @@ def _labelled_scores(run_dir: Path, cfg: Config, eval_subset: int | None,
     from .data import DataError
     from .eval import clusters_eval, knn_eval, open_checkpoint
 
+    skipped = {"knn": None, "nmi": None, "acc": None, "labelled": False,
+               "eval_note": "no labels: k-NN, NMI and ACC not measured"}
+    if cfg.data.labels == "none":  # the folder's sub-folders are not classes
+        logger.warning("%s: k-NN and k-means NMI/ACC skipped: trained with --labels none", run_dir)
+        return skipped
     try:
         ctx = open_checkpoint(run_dir, protocol="sweep", subset=eval_subset, test_subset=eval_test_subset,
                               device=cfg.run.device, batch_size=cfg.optim.batch_size, workers=cfg.run.workers)
@@ -179,8 +184,7 @@ def _labelled_scores(run_dir: Path, cfg: Config, eval_subset: int | None,
         if "needs labels" not in str(e):
             raise
         logger.warning("%s: k-NN and k-means NMI/ACC skipped: the data set has no labels", run_dir)
-        return {"knn": None, "nmi": None, "acc": None, "labelled": False,
-                "eval_note": "no labels: k-NN, NMI and ACC not measured"}
+        return skipped
     knn = knn_eval(ctx)["metrics"]
     clusters = clusters_eval(ctx)["metrics"]
     return {"knn": knn["knn"], "nmi": clusters["nmi"], "acc": clusters["acc"], "labelled": True,

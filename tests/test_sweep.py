@@ -61,6 +61,10 @@ def test_rows_match_the_run_folders(sweep):
         assert row["rankme"] == pytest.approx(recs[-1]["rankme"])
         assert row["minutes"] == pytest.approx(sum(r["epoch_s"] for r in recs) / 60)
         assert 0.0 <= row["stability"] <= 1.0
+        rng = np.random.default_rng(0)  # chance level: NMI with 3 shuffled copies of the last clusters
+        chance = np.mean([normalized_mutual_info_score(hist[-1], rng.permutation(hist[-1]), average_method="geometric")
+                          for _ in range(3)])
+        assert row["nmi_chance"] == pytest.approx(chance, abs=1e-6)
         # the labelled scores are those the eval protocols wrote for this checkpoint
         assert row["labelled"] and row["num_classes"] == 10 and row["eval_test_images"] == 60
         assert row["knn"] == json.loads((run / "eval" / "knn.json").read_text())["metrics"]["knn"]
@@ -85,12 +89,12 @@ def test_summary_files(sweep):
     assert [r["k"] for r in summary["rows"]] == list(KS) and summary["settings"]["epochs"] == EPOCHS
     md = (out / "sweep.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| k | epochs | minutes | kNN | NMI | ACC | RankMe | stability | NMI-prev | sizes")
+    assert lines[0].startswith("| k | epochs | minutes | kNN | NMI | ACC | RankMe | stability | NMI-prev | chance NMI | sizes")
     for line, row in zip(lines[1:], rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == str(row["k"]) and cells[1] == str(EPOCHS)
         assert cells[3] == f"{100 * row['knn']:.1f} %" and cells[4] == f"{row['nmi']:.3f}"
-        assert cells[9] == f"{row['size_min']}/{row['size_median']:g}/{row['size_max']}"
+        assert cells[10] == f"{row['size_min']}/{row['size_median']:g}/{row['size_max']}"
     assert len(lines) == 1 + len(KS)
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

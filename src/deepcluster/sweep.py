@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import Config, ConfigError, merge, resolve
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILES = ("sweep.json", "sweep.md", "sweep.png")
 STABILITY_SEEDS = (0, 1, 2)
 """k-means seeds of the stability signal (three pairs of clusterings)."""
+CHANCE_DRAWS = 3
+"""Random relabellings averaged by the chance level of NMI (:func:`chance_nmi`)."""
+ROW_VERSION = 2
+"""Bumped when a row gains or changes a field: rows of an older sweep.json are measured again."""
 
 
 class SweepError(ConfigError):
@@ -147,10 +153,23 @@ def _check_plan(cfgs: dict[int, Config]) -> dict[int, int]:
 
 # ---------------------------------------------------------------------- one member
 
+def chance_nmi(assignments: np.ndarray, draws: int = CHANCE_DRAWS, seed: int = 0) -> float:
+    """NMI of ``assignments`` ``(N,)`` with random relabellings of itself (the same cluster
+    sizes, images shuffled), averaged over ``draws``: what NMI between two partitions
+    with these sizes gives by chance alone.
+
+    Unadjusted NMI grows with k for unrelated partitions (two random balanced partitions of
+    5,000 images into 300 clusters have NMI 0.51), so ``stability`` and ``nmi_prev`` of
+    different k are compared through their distance from this level.
+    """
+    from .metrics import nmi
+
+    rng = np.random.default_rng(seed)
+    return float(np.mean([nmi(assignments, rng.permutation(assignments)) for _ in range(draws)]))
+
+
 def _last_epoch_signals(run: Any, batch_size: int, workers: int) -> dict[str, Any]:
     """Label-free signals of a loaded run (:class:`deepcluster.rundir.Run`) at its last epoch."""
-    import numpy as np
-
     from .export import run_features
     from .labelfree import cluster_stability
 
@@ -161,6 +180,7 @@ def _last_epoch_signals(run: Any, batch_size: int, workers: int) -> dict[str, An
     stability = cluster_stability(z, k, STABILITY_SEEDS, niter=run.config.cluster.niter)
     sizes = np.bincount(run.last_assignments, minlength=k)
     return {"rankme": last.get("rankme"), "stability": stability, "nmi_prev": last.get("nmi_prev"),
+            "nmi_chance": chance_nmi(run.last_assignments),
             "size_min": int(sizes.min()), "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
             "empty_clusters": int((sizes == 0).sum()), "stability_s": time.perf_counter() - t0}
 
@@ -193,7 +213,7 @@ def _labelled_scores(run_dir: Path, cfg: Config, eval_subset: int | None,
 
 def _checkpoint_key(run_dir: Path, eval_subset: int | None, eval_test_subset: int | None) -> str:
     st = (run_dir / "checkpoint.pt").stat()
-    return f"{st.st_size}|{st.st_mtime_ns}|{eval_subset}|{eval_test_subset}"
+    return f"v{ROW_VERSION}|{st.st_size}|{st.st_mtime_ns}|{eval_subset}|{eval_test_subset}"
 
 
 def evaluate_member(run_dir: str | Path, eval_subset: int | None = None,
@@ -289,7 +309,8 @@ def run_sweep(base_overrides: dict[str, dict[str, Any]], ks: Sequence[int], epoc
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("k", "k"), ("epochs", "epochs"), ("minutes", "minutes"), ("knn", "kNN"), ("nmi", "NMI"), ("acc", "ACC"),
-    ("rankme", "RankMe"), ("stability", "stability"), ("nmi_prev", "NMI-prev"), ("sizes", "sizes min/med/max"),
+    ("rankme", "RankMe"), ("stability", "stability"), ("nmi_prev", "NMI-prev"),
+    ("nmi_chance", "chance NMI"), ("sizes", "sizes min/med/max"),
 )
 """(row key, header) of the table's columns."""
 
@@ -341,7 +362,9 @@ def summarise(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     intro = (f"# k sweep: {out_dir}\n\nkNN: k-NN top-1 on the test split; NMI, ACC: k-means at the number of "
              "classes on the test split; RankMe, NMI-prev (between the last two epochs), sizes: the last epoch "
              "(metrics.jsonl); stability: mean NMI between k-means runs at the run's k with seeds "
-             f"{', '.join(map(str, STABILITY_SEEDS))} on the features its last epoch clustered; minutes: training.\n\n")
+             f"{', '.join(map(str, STABILITY_SEEDS))} on the features its last epoch clustered; chance NMI: NMI of "
+             "the last epoch's clusters with shuffled copies of themselves (what stability and NMI-prev give by "
+             "chance at these cluster sizes); minutes: training.\n\n")
     write_text(paths["md"], intro + table_markdown(rows))
     save_figure(plot_sweep(rows, title=f"DeepCluster k sweep ({out_dir.name})"), paths["png"])
     return paths

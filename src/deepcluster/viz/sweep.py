@@ -19,7 +19,8 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], bool], ...] = (
     ("labelled (test split, k-means at the number of classes)",
      (("knn", "k-NN top-1"), ("nmi", "k-means NMI"), ("acc", "k-means ACC")), False),
     ("label-free agreement", (("stability", "stability across k-means seeds"),
-                              ("nmi_prev", "NMI(epoch t-1, epoch t)")), False),
+                              ("nmi_prev", "NMI(epoch t-1, epoch t)"),
+                              ("nmi_chance", "chance level (clusters shuffled)")), False),
     ("label-free: RankMe of the clustering features", (("rankme", "RankMe"),), False),
     ("cluster sizes at the last epoch", (("size_max", "max"), ("size_median", "median"), ("size_min", "min")), True),
 )
@@ -53,7 +54,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], title: str | None = None) -> Figu
         for key, label in series:
             pts = [(r["k"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                style = {"linestyle": "--", "color": "grey"} if key == "nmi_chance" else {}
+                ax.plot(*zip(*pts), marker="o", label=label, **style)
         if not ax.lines:
             ax.text(0.5, 0.5, "not measured (no labels)" if series[0][0] == "knn" else "not measured",
                     ha="center", va="center", transform=ax.transAxes, color="grey")

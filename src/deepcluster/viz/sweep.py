@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # noqa: E402
 
 from .curves import _legend  # noqa: E402
 
@@ -60,8 +60,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], title: str | None = None) -> Figu
             ax.text(0.5, 0.5, "not measured (no labels)" if series[0][0] == "knn" else "not measured",
                     ha="center", va="center", transform=ax.transAxes, color="grey")
         _k_axis(ax, ks)
-        if log_y and ax.lines:
-            ax.set_yscale("log")
+        if log_y and ax.lines:  # symmetric log: an empty cluster (size 0) stays on the axis
+            ax.set_yscale("symlog", linthresh=1)
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.set_ylim(bottom=0)
         elif not log_y and series[0][0] != "rankme":
             ax.set_ylim(0, 1)
         ax.set_title(name, fontsize=10)

@@ -155,3 +155,21 @@ def test_a_member_with_more_epochs_than_asked_is_refused(sweep, tiny_mnist_root)
     out, _, _ = sweep
     with pytest.raises(SweepError, match=r"k5 has 2 epochs, more than --epochs 1; ask for --epochs 2"):
         run_sweep(tiny_overrides(tiny_mnist_root), [5], 1, out)
+
+
+def test_pic_has_no_k_to_sweep(tiny_mnist_root, tmp_path):
+    overrides = {**tiny_overrides(tiny_mnist_root), "cluster": {"method": "pic"}}
+    with pytest.raises(SweepError, match="a sweep varies k-means' k; --clustering pic has no k"):
+        run_sweep(overrides, [5], 1, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_help_takes_every_train_flag_and_a_list_of_k(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert "--k K1,K2,... comma-separated numbers of clusters" in text and "(default: 100)" not in text
+    assert "(default: 5; small-images: 48)" in text  # --epochs, as train shows it
+    for flag in ("--preset", "--subset", "--lr-schedule", "--head", "--eval-subset", "--eval-test-subset"):
+        assert flag in text, flag

@@ -11,7 +11,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from conftest import train_tiny
 from deepcluster.cli import main
 from deepcluster.labelfree import cluster_stability
-from deepcluster.sweep import SweepError, check_ks, parse_ks, run_sweep, table_markdown
+from deepcluster.sweep import SweepError, check_ks, parse_ks, run_sweep
 
 EPOCHS = 2
 KS = (5, 12)
@@ -32,6 +32,11 @@ def sweep(tiny_mnist_root, tmp_path_factory):
               "assignments": np.load(interrupted / "assignments.npy")}
     rows = run_sweep(tiny_overrides(tiny_mnist_root), list(KS), EPOCHS, out)
     return out, rows, before
+
+
+def nmi_geometric(a, b):
+    """scikit-learn's NMI normalised as the paper's: I(A;B) / sqrt(H(A) H(B))."""
+    return normalized_mutual_info_score(a, b, average_method="geometric")
 
 
 def records(run):
@@ -57,13 +62,12 @@ def test_rows_match_the_run_folders(sweep):
         sizes = np.bincount(hist[-1], minlength=row["k"])
         assert row["epochs"] == EPOCHS and row["num_images"] == 240
         assert (row["size_min"], row["size_median"], row["size_max"]) == (sizes.min(), np.median(sizes), sizes.max())
-        assert row["nmi_prev"] == pytest.approx(normalized_mutual_info_score(hist[-2], hist[-1], average_method="geometric"), abs=1e-6)
+        assert row["nmi_prev"] == pytest.approx(nmi_geometric(hist[-2], hist[-1]), abs=1e-6)
         assert row["rankme"] == pytest.approx(recs[-1]["rankme"])
         assert row["minutes"] == pytest.approx(sum(r["epoch_s"] for r in recs) / 60)
         assert 0.0 <= row["stability"] <= 1.0
         rng = np.random.default_rng(0)  # chance level: NMI with 3 shuffled copies of the last clusters
-        chance = np.mean([normalized_mutual_info_score(hist[-1], rng.permutation(hist[-1]), average_method="geometric")
-                          for _ in range(3)])
+        chance = np.mean([nmi_geometric(hist[-1], rng.permutation(hist[-1])) for _ in range(3)])
         assert row["nmi_chance"] == pytest.approx(chance, abs=1e-6)
         # the labelled scores are those the eval protocols wrote for this checkpoint
         assert row["labelled"] and row["num_classes"] == 10 and row["eval_test_images"] == 60
@@ -89,7 +93,8 @@ def test_summary_files(sweep):
     assert [r["k"] for r in summary["rows"]] == list(KS) and summary["settings"]["epochs"] == EPOCHS
     md = (out / "sweep.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| k | epochs | minutes | kNN | NMI | ACC | RankMe | stability | NMI-prev | chance NMI | sizes")
+    assert lines[0].startswith("| k | epochs | minutes | kNN | NMI | ACC | RankMe | stability | NMI-prev | chance NMI "
+                               "| sizes")
     for line, row in zip(lines[1:], rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == str(row["k"]) and cells[1] == str(EPOCHS)

@@ -280,8 +280,9 @@ def run_sweep(base_overrides: dict[str, dict[str, Any]], ks: Sequence[int], epoc
 
     out_dir = Path(out_dir)
     ks = check_ks(ks)
-    base = {s: {k: v for k, v in d.items() if (s, k) not in (("cluster", "k"), ("run", "output_dir"))}
-            for s, d in base_overrides.items()}
+    own = (("cluster", "k"), ("run", "output_dir"))  # set per member
+    base = {section: {key: value for key, value in values.items() if (section, key) not in own}
+            for section, values in base_overrides.items()}
     cfgs = {k: member_config(base, k, epochs, out_dir, preset, config_file) for k in ks}
     done = _check_plan(cfgs)
     previous = _previous_rows(out_dir)

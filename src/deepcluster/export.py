@@ -144,6 +144,25 @@ class ClusterAssigner:
         return c, d, f, z
 
 
+def run_features(run: Run, features: str, batch_size: int = 256, workers: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass of the run's clustering-time network over its training images.
+
+    Args:
+        run: a loaded run (its checkpoint holds the PCA and centroids of its last epoch).
+        features: ``pca`` (the PCA-whitened, L2-normalised space the last epoch clustered)
+            or ``fc7`` (the network's clustering features).
+        batch_size, workers: the feature pass.
+
+    Returns:
+        ``(nearest centroid (N,), squared distance to it (N,), features (N, D))``, row ``i``
+        for image ``i`` of the run (row ``i`` of its assignments).
+    """
+    assigner = ClusterAssigner.from_state(run.model, run.state, str(run.path / "checkpoint.pt"))
+    loader = make_loader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size, workers)
+    return assigner.assign_all(loader, len(run.source), features)
+
+
 def clustering_network(model: DeepClusterNet, state: dict[str, Any], where: str = "checkpoint") -> DeepClusterNet:
     """The network whose features the checkpoint's PCA and centroids were fitted on.
 
@@ -322,9 +341,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
     columns["cluster"] = clusters
     agreement = None
     if features is not None:
-        assigner = ClusterAssigner.from_state(run.model, run.state, str(run_dir / "checkpoint.pt"))
-        loader = make_loader(IndexedDataset(run.source, cluster_transform(run.spec)), batch_size, workers)
-        nearest, dists, feats = assigner.assign_all(loader, n, features)
+        nearest, dists, feats = run_features(run, features, batch_size, workers)
         agreement = float((nearest == clusters).mean())
         columns["distance"] = dists
         columns["feature"] = feats

@@ -20,7 +20,7 @@ from ..config import ConfigError
 logger = logging.getLogger("deepcluster")
 
 # Subcommand modules, in help order; a module not (yet) present is simply not offered.
-COMMANDS = ["train", "eval", "report", "viz", "export", "assign", "cluster", "search", "export_model"]
+COMMANDS = ["train", "sweep", "eval", "report", "viz", "export", "assign", "cluster", "search", "export_model"]
 
 
 def add_epoch_flag(p: argparse.ArgumentParser) -> None:

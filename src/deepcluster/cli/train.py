@@ -79,6 +79,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "network's features and training on the cluster assignments. The defaults shown are the paper's "
                        "settings (--preset paper) and where another preset differs, its value.",
                        formatter_class=ConfigDefaultsFormatter)
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--preset`` and every flag of :data:`TRAIN_FLAGS` (``train``, and
+    ``sweep``, which trains one run per value of ``--k``)."""
     p.add_argument("--config", help="YAML file with sections data/model/cluster/optim/run (flags override it)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named set of defaults: paper (the paper's settings, default) or small-images "
@@ -87,7 +94,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _clustering_flags(p)
     _optimisation_flags(p)
     _run_flags(p)
-    p.set_defaults(func=cmd_train)
 
 
 class LazyChoices(Sequence):

@@ -17,6 +17,6 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test,tensorboard,parquet]"
+.venv/bin/python -m pip install -q -e ".[test,tensorboard,parquet,cluster]"
 .venv/bin/python -c "import torch, torchvision, faiss; print('deepcluster ready: torch', torch.__version__, \
 'torchvision', torchvision.__version__, 'faiss', faiss.__version__)"

@@ -250,6 +250,7 @@ def _job_one_rank_fails(mode: str):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # waits out a collective timeout
 @pytest.mark.parametrize("mode", ["crash", "stuck"])
 def test_a_failed_or_stuck_rank_makes_the_other_exit_with_a_clear_message(mode):
     res = run_ranks(_job_one_rank_fails, world=2, timeout_s=2, deadline_s=90, mode=mode)

@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark script run small: in the full suite, not the quick part
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 CHECKS = ["train_step", "bf16_autocast", "channels_last", "kmeans_torch", "faiss_gpu", "process_group"]

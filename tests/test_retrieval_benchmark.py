@@ -88,6 +88,7 @@ def test_photo_ground_truth_follows_the_geometry():
     assert np.array_equal(np.asarray(again.database[1].image), np.asarray(bench.database[1].image))
 
 
+@pytest.mark.slow  # the benchmark script end to end
 def test_quick_benchmark_writes_sane_results(tmp_path):
     out = tmp_path / "retrieval.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "retrieval.py"), "--quick", "--out", str(out)],

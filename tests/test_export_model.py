@@ -106,7 +106,7 @@ ref = load_file(weights)
 assert tensors.keys() == ref.keys() and all(torch.equal(tensors[k], ref[k]) for k in ref)
 hub = torch.hub.load(repo, "deepcluster_" + arch, source="local", weights=weights)  # hubconf.py, offline
 with torch.no_grad():
-    x = torch.load(inputs)
+    x = torch.load(inputs, weights_only=True)
     torch.save(torch.stack([model.forward_features(x), hub.forward_features(x)]), out)
 assert not any(m.split(".")[0] == "deepcluster" for m in sys.modules), sorted(sys.modules)
 """
@@ -126,7 +126,7 @@ def test_standalone_file_and_hub_alone_give_the_training_features(arch, size, fc
     res = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(alone), str(weights), str(tmp_path / "x.pt"),
                           str(tmp_path / "y.pt"), str(ROOT), arch], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    standalone_feats, hub_feats = torch.load(tmp_path / "y.pt")
+    standalone_feats, hub_feats = torch.load(tmp_path / "y.pt", weights_only=True)
     with torch.no_grad():
         assert max_diff(standalone_feats, model.forward_features(x)) <= TOL
         assert max_diff(hub_feats, model.forward_features(x)) <= TOL

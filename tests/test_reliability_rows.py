@@ -9,9 +9,6 @@ one-line error and that every earlier output is byte-identical.
 from __future__ import annotations
 
 import os
-import resource
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_reliability import cli, digest, error_line
+from test_reliability import _limit_file_size, cli, digest, error_line
 
 pytestmark = pytest.mark.reliability
 
@@ -109,13 +106,6 @@ def test_an_unrelated_folder_is_not_taken_over(tmp_path):
     line = error_line(cli("train", "--output-dir", str(foreign), "--epochs", "1", "--subset", "64"))
     assert "holds metrics.jsonl but no config.yaml or checkpoint.pt" in line
     assert sorted(p.name for p in foreign.iterdir()) == ["metrics.jsonl"]  # no train.log, no lock
-
-
-def _limit_file_size(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
 
 
 @pytest.mark.parametrize("fmt", ["csv", "npy"])

@@ -268,8 +268,9 @@ class RunDir:
                 return self.best
         else:
             e = parse_epoch(epoch)
-            if e in self.snapshots():
-                return self.snapshots()[e]
+            snaps = self.snapshots()
+            if e in snaps:
+                return snaps[e]
             if self.checkpoint.is_file() and (self.read_metrics() or [{}])[-1].get("epoch") == e - 1:
                 return self.checkpoint
         have = [f"{e}" for e in self.snapshots()] + (["best"] if self.best.is_file() else [])

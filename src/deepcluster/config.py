@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .io import write_text
+from .sizing import SIZED_KEYS, describe, size_rule
 
 
 class ConfigError(ValueError):
@@ -183,6 +184,20 @@ class RunConfig:
 
 
 @dataclass
+class SizeConfig:
+    """The size rule (:mod:`deepcluster.sizing`): settings that depend on the number of
+    images N chosen from N when the run starts, and recorded here once chosen."""
+    rule: str = "off"
+    """off (the values as given) or auto (``cluster.k``, ``optim.epochs``,
+    ``optim.batch_size`` and ``optim.lr`` from N, except those in ``pinned``)."""
+    pinned: str = ""
+    """Comma-separated ``section.key`` of the sized settings the user set (a flag or the
+    config file): the rule leaves them as given."""
+    images: int | None = None
+    """N the rule chose the values for (null: not chosen yet; a resumed run keeps them)."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,6 +205,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    size: SizeConfig = field(default_factory=SizeConfig)
     preset: str = "paper"
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +228,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "augment": {"crop_scale": [0.5, 1.0], "jitter": 1.0},
         "optim": {"epochs": 48, "lr_schedule": "cosine", "head": "matched"},
         "run": {"amp": "auto", "channels_last": True},
+        # The values above are those of 60,000 images; on other sizes k, the epochs, the
+        # batch and the learning rate follow deepcluster.sizing.size_rule (docs/RESULTS.md).
+        "size": {"rule": "auto"},
     },
 }
 
@@ -334,7 +353,33 @@ def resolve(preset: str | None = None, file: str | Path | None = None,
     d = merge(d, file_d)
     d = merge(d, overrides or {})
     d["preset"] = preset
+    if d["size"]["rule"] == "auto" and d["size"].get("images") is None:
+        given = {f"{sec}.{key}" for src in (file_d, overrides or {}) for sec, keys in src.items()
+                 if isinstance(keys, dict) for key in keys}
+        old = {x for x in str(d["size"].get("pinned") or "").split(",") if x}
+        d["size"]["pinned"] = ",".join(sorted((given & set(SIZED_KEYS)) | old))
     return config_from_dict(d)
+
+
+def apply_size_rule(cfg: Config, n: int) -> tuple[Config, str | None]:
+    """``cfg`` with the size rule's values for ``n`` images in the settings the user did not
+    set, and a line saying what was chosen (``None`` when the rule is off or was applied
+    already: a resumed run keeps its values)."""
+    if cfg.size.rule != "auto" or cfg.size.images is not None:
+        return cfg, None
+    pinned = {x for x in cfg.size.pinned.split(",") if x}
+    batch = cfg.optim.batch_size if "optim.batch_size" in pinned else None
+    d = cfg.to_dict()
+    chosen = []
+    for section, values in size_rule(n, batch).items():
+        for key, value in values.items():
+            if f"{section}.{key}" not in pinned:
+                d[section][key] = value
+                chosen.append(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}")
+    d["size"]["images"] = n
+    note = (f"size rule ({describe(n)}): {', '.join(chosen) or 'nothing'} chosen from N"
+            + (f"; kept as you set them: {', '.join(sorted(pinned))}" if pinned else ""))
+    return config_from_dict(d), note
 
 
 def validate(cfg: Config) -> None:
@@ -379,6 +424,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),
         (cfg.data.image_size is None or cfg.data.image_size >= 16,
          f"data.image_size must be >= 16 (or omitted: per data set), got {cfg.data.image_size}"),
+        (cfg.size.rule in ("off", "auto"), f"size.rule must be off or auto, got {cfg.size.rule!r}"),
+        (cfg.size.images is None or cfg.size.images >= 1, "size.images must be >= 1 (or null: not chosen yet)"),
         (cfg.data.labels in LABELS, f"data.labels must be {' or '.join(LABELS)}, got {cfg.data.labels!r}"),
         (cfg.model.fc_dim is None or cfg.model.fc_dim >= 1,
          f"model.fc_dim must be >= 1 (or omitted: per architecture), got {cfg.model.fc_dim}"),

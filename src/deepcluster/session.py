@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import check_compatible, check_resume_state, load_checkpoint
 from .clustering import faiss_has_gpu
-from .config import Config
+from .config import Config, apply_size_rule
 from .data import (DataError, ImageSource, IndexedDataset, MultiView, cluster_transform, folder_image_size,
                    image_spec, train_transform_from, training_source)
 from .distributed import world_size
@@ -109,6 +109,9 @@ def open_session(cfg: Config, device: torch.device) -> tuple[Session, dict[str, 
     # Data: a fixed view for clustering, a random one for training; both give (image, index).
     source = build_training_source(cfg)
     n = len(source)
+    cfg, size_note = apply_size_rule(cfg, n)  # settings that depend on N, chosen from N (resumed: kept)
+    if size_note:
+        logger.info("%s", size_note)
     if cfg.cluster.method == "kmeans" and cfg.cluster.k > n:
         raise DataError(f"--k {cfg.cluster.k} is larger than the number of images ({n}); lower --k")
     manifest = run.check_manifest(source)  # a folder that changed under a resumed run is refused

@@ -208,6 +208,8 @@ def _train(saved_cfg: Config, device: torch.device, callbacks: list[Callback]) -
     if amp != cfg.run.amp:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, amp=amp))
     s, state, source = open_session(cfg, device)
+    # config.yaml records the values the size rule chose, and keeps amp as given ("auto").
+    saved_cfg = dataclasses.replace(s.cfg, run=dataclasses.replace(s.cfg.run, amp=saved_cfg.run.amp))
     if is_main_process():  # only rank 0 writes the run directory
         try:
             s.run.acquire()

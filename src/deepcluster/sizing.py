@@ -1,0 +1,91 @@
+"""The size rule: the settings that depend on the number of images N, chosen from N.
+
+The ``small-images`` preset was tuned on the 60,000 Fashion-MNIST training images
+(experiments/ABLATION.md). Kept unchanged on a folder of 2,000 images it left the
+features worse than the random network it started from: 100 clusters of 20 images and
+8 SGD steps an epoch over-fit the pseudo-labels. :func:`size_rule` scales what depends
+on N from that reference point, so that the preset is unchanged at N = 60,000 and
+follows the data below (and above) it. The measurements that chose the rule are in
+docs/RESULTS.md ("Any size of data set") and experiments/SIZES.md.
+
+Pure functions of N: no I/O, no imports of the package (``tests/test_sizing.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+REFERENCE_IMAGES = 60_000
+"""The data size the ``small-images`` preset was tuned at: the rule returns its values there."""
+REFERENCE_K = 100
+REFERENCE_EPOCHS = 48
+REFERENCE_BATCH = 256
+REFERENCE_LR = 0.05
+REFERENCE_PCA_DIM = 256
+IMAGES_PER_PCA_DIM = 50
+"""The PCA keeps at most N / 50 dimensions: whitening 256 directions estimated from 2,000
+images scales up noise, and k-means on them finds little (docs/RESULTS.md)."""
+MIN_PCA_DIM = 8
+MIN_K = 10
+MIN_BATCH = 32
+MIN_STEPS_PER_EPOCH = 32
+"""Below this many SGD steps an epoch (8 at 2,000 images and batches of 256), the batch
+shrinks (to at least :data:`MIN_BATCH`) so that each clustering is trained on for long
+enough; the learning rate follows the batch linearly."""
+
+SIZED_KEYS = ("cluster.k", "cluster.pca_dim", "optim.epochs", "optim.batch_size", "optim.lr")
+"""The settings :func:`size_rule` chooses (``section.key``)."""
+
+
+def rule_k(n: int) -> int:
+    """Clusters: ``100 * sqrt(N / 60,000)``, at least 10 and at most N / 10 (about 10 images a
+    cluster on average at the least; the square root keeps clusters growing with N, as the
+    paper's 10,000 clusters for 1.3M images do, slower than N)."""
+    k = round(REFERENCE_K * math.sqrt(n / REFERENCE_IMAGES))
+    return int(max(1, min(max(MIN_K, k), n // 10)))
+
+
+def rule_pca_dim(n: int) -> int:
+    """Dimensions of the PCA-whitening before k-means: ``N / 50``, between 8 and 256."""
+    return int(min(REFERENCE_PCA_DIM, max(MIN_PCA_DIM, n // IMAGES_PER_PCA_DIM)))
+
+
+def rule_batch(n: int) -> int:
+    """Images per SGD step: 256, or the power of two that gives at least
+    :data:`MIN_STEPS_PER_EPOCH` steps an epoch, at least :data:`MIN_BATCH`."""
+    batch = REFERENCE_BATCH
+    while batch > MIN_BATCH and math.ceil(n / batch) < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return batch
+
+
+def rule_steps(n: int) -> int:
+    """SGD steps of the whole run: the reference's 48 epochs at the rule's batch."""
+    return REFERENCE_EPOCHS * math.ceil(n / rule_batch(n))
+
+
+def steps_per_epoch(n: int, batch: int) -> int:
+    return math.ceil(n / batch)
+
+
+def size_rule(n: int, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
+    """The settings of a run on ``n`` images, as config overrides by section.
+
+    ``batch_size``: a batch the user fixed; the epochs then give the rule's number of SGD
+    steps at that batch (the learning rate is the rule's, for the user to scale if they wish).
+    """
+    if n < 1:
+        raise ValueError(f"the size rule needs at least one image, got {n}")
+    batch = rule_batch(n)
+    lr = REFERENCE_LR * batch / REFERENCE_BATCH
+    epochs = max(1, math.ceil(rule_steps(n) / steps_per_epoch(n, batch_size or batch)))
+    return {"cluster": {"k": rule_k(n), "pca_dim": rule_pca_dim(n)}, "optim": {"epochs": epochs, "batch_size": batch, "lr": lr}}
+
+
+def describe(n: int) -> str:
+    """One line: the rule's values at ``n`` images (help texts, logs)."""
+    r = size_rule(n)
+    o = r["optim"]
+    return (f"{n:,} images: k {r['cluster']['k']}, PCA {r['cluster']['pca_dim']}, {o['epochs']} epochs = {rule_steps(n):,} steps of "
+            f"{o['batch_size']}, lr {o['lr']:g}")

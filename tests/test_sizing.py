@@ -1,0 +1,99 @@
+"""The size rule (deepcluster.sizing): a pure function of N, the preset's values at the
+reference size, and how it reaches a run (config.yaml, flags that pin a value, resume)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from deepcluster.config import PRESETS, SizeConfig, apply_size_rule, config_from_saved, resolve
+from deepcluster.sizing import (MIN_STEPS_PER_EPOCH, REFERENCE_IMAGES, rule_batch, rule_k, rule_pca_dim, rule_steps,
+                                size_rule)
+
+SIZES = (1, 9, 10, 100, 500, 1000, 1797, 2000, 5000, 10000, 60000, 1_281_167)
+
+
+def test_at_the_reference_size_the_rule_gives_the_preset_s_values():
+    cfg = resolve(preset="small-images", overrides={"size": {"rule": "off"}})
+    r = size_rule(REFERENCE_IMAGES)
+    assert r == {"cluster": {"k": cfg.cluster.k, "pca_dim": cfg.cluster.pca_dim},
+                 "optim": {"epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size, "lr": cfg.optim.lr}}
+    assert PRESETS["small-images"]["size"] == {"rule": "auto"} and PRESETS["paper"] == {}
+
+
+def test_hand_computed_values():
+    # k = round(100 sqrt(N / 60000)) in [10, N / 10]; PCA N // 50 in [8, 256]; batch halved from
+    # 256 until an epoch has 32 steps (at least 32); lr 0.05 * batch / 256; steps = 48 epochs.
+    assert [rule_k(n) for n in (1000, 2000, 5000, 10000, 60000, 240000)] == [13, 18, 29, 41, 100, 200]
+    assert rule_k(50) == 5 and rule_k(9) == 1  # never more than N / 10 clusters (at least 1)
+    assert [rule_pca_dim(n) for n in (100, 1000, 2000, 5000, 12800, 60000)] == [8, 20, 40, 100, 256, 256]
+    assert [rule_batch(n) for n in (500, 1000, 2000, 5000, 8000, 8193, 60000)] == [32, 32, 64, 128, 256, 256, 256]
+    assert size_rule(2000) == {"cluster": {"k": 18, "pca_dim": 40},
+                               "optim": {"epochs": 48, "batch_size": 64, "lr": 0.0125}}
+    assert rule_steps(2000) == 48 * 32 and rule_steps(60000) == 48 * 235
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_invariants_at_every_size(n):
+    r = size_rule(n)
+    k, batch, epochs = r["cluster"]["k"], r["optim"]["batch_size"], r["optim"]["epochs"]
+    assert 1 <= k <= max(1, n // 10) or (n < 10 and k == 1)
+    assert 8 <= r["cluster"]["pca_dim"] <= 256
+    assert 32 <= batch <= 256 and batch & (batch - 1) == 0  # a power of two
+    assert math.ceil(n / batch) >= MIN_STEPS_PER_EPOCH or batch == 32 or batch == 256
+    assert epochs * math.ceil(n / batch) == rule_steps(n)
+    assert r["optim"]["lr"] == pytest.approx(0.05 * batch / 256)
+
+
+def test_monotone_in_n():
+    ns = range(100, 200_001, 997)
+    for f in (rule_k, rule_pca_dim, rule_batch):
+        values = [f(n) for n in ns]
+        assert values == sorted(values), f.__name__
+    # the steps saw-tooth where the batch doubles, but never fall below 48 epochs of 32 steps
+    assert all(rule_steps(n) >= 48 * min(32, math.ceil(n / 32)) for n in ns)
+
+
+def test_a_user_batch_keeps_the_rule_s_number_of_steps():
+    r = size_rule(2000, batch_size=256)  # 8 steps an epoch: 1536 steps -> 192 epochs
+    assert r["optim"]["epochs"] == 192
+
+
+def test_bad_size_is_refused():
+    with pytest.raises(ValueError, match="at least one image"):
+        size_rule(0)
+
+
+def test_apply_fills_what_the_user_did_not_set_and_records_it():
+    cfg = resolve(preset="small-images", overrides={"cluster": {"k": 7}})
+    assert cfg.size == SizeConfig(rule="auto", pinned="cluster.k", images=None)
+    sized, note = apply_size_rule(cfg, 2000)
+    assert (sized.cluster.k, sized.cluster.pca_dim, sized.optim.batch_size, sized.optim.epochs) == (7, 40, 64, 48)
+    assert sized.optim.lr == pytest.approx(0.0125) and sized.size.images == 2000
+    assert "2,000 images" in note and "kept as you set them: cluster.k" in note
+    # applied once: a resumed run (config.yaml says images: 2000) keeps its values
+    again, note2 = apply_size_rule(config_from_saved(sized.to_dict()), 50)
+    assert again == sized and note2 is None
+    # everything else is untouched
+    assert sized.augment == cfg.augment and sized.model == cfg.model and sized.run == cfg.run
+
+
+def test_a_config_file_pins_what_it_sets(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.2\n  batch_size: 256\n")
+    cfg = resolve(preset="small-images", file=f)
+    assert cfg.size.pinned == "optim.batch_size,optim.lr"
+    sized, _ = apply_size_rule(cfg, 2000)
+    assert (sized.optim.lr, sized.optim.batch_size, sized.optim.epochs, sized.cluster.k) == (0.2, 256, 192, 18)
+
+
+def test_the_paper_preset_and_rule_off_change_nothing():
+    for cfg in (resolve(), resolve(preset="small-images", overrides={"size": {"rule": "off"}})):
+        assert apply_size_rule(cfg, 2000) == (cfg, None)
+
+
+def test_older_run_configs_have_the_rule_off():
+    d = resolve(preset="small-images").to_dict()
+    del d["size"]  # config.yaml of a run from before the rule
+    assert config_from_saved(d).size.rule == "off"

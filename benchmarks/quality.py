@@ -500,12 +500,16 @@ def fmt_machine(m: Any) -> str:
 def changes_from_preset(cfg: dict[str, Any]) -> list[str]:
     """What a run's settings change from its preset, e.g. ``["PIC", "lr_schedule cosine"]``
     (model, clustering and optimisation keys, and ``run.amp``; the epochs are reported separately)."""
-    from deepcluster.config import Config, migrate, resolve
+    from deepcluster.config import Config, apply_size_rule, migrate, resolve
 
     try:
-        preset = resolve(preset=cfg.get("preset") or "paper").to_dict()
+        base = resolve(preset=cfg.get("preset") or "paper")
     except ValueError:  # a preset this release does not know (ConfigError)
         return []
+    size = cfg.get("size") or {}
+    if size.get("rule") == "auto" and size.get("images"):  # the preset at the run's size (deepcluster.sizing)
+        base = apply_size_rule(base, int(size["images"]))[0]
+    preset = base.to_dict()
     # A key missing from an older run's config is an option added since: the run had its
     # default (the paper's behaviour), which may differ from today's preset.
     defaults = Config().to_dict()

@@ -93,3 +93,8 @@ def test_a_row_is_named_by_what_the_run_changes_from_its_preset(quality):
     old = resolve(preset="small-images").to_dict()
     del old["optim"]["lr_schedule"], old["run"]["amp"]
     assert sorted(quality.changes_from_preset(old)) == ["amp none", "lr_schedule constant"]
+    # the size rule's values are the preset's at the run's size; what the user pinned is named
+    from deepcluster.config import apply_size_rule
+
+    sized = apply_size_rule(resolve(preset="small-images", overrides={"cluster": {"k": 7}}), 2000)[0].to_dict()
+    assert quality.changes_from_preset(sized) == ["k 7"]

@@ -168,11 +168,12 @@ def test_train_help_shows_each_default_from_the_config(capsys):
             cfg.data.labels) == (5, 256, 1e-5, (0.08, 1.0), True, "folders")
     assert PRESETS["small-images"]["optim"]["epochs"] == 48 and PRESETS["small-images"]["augment"]["crop_scale"] == [
         0.5, 1.0]
-    for flag, shown in (("--epochs", "5; small-images: 48"), ("--batch-size", "256"), ("--weight-decay", "1e-05"),
+    sized = "small-images: from the number of images, see --preset"  # deepcluster.sizing
+    for flag, shown in (("--epochs", f"5; {sized}"), ("--batch-size", f"256; {sized}"), ("--weight-decay", "1e-05"),
                         ("--crop-scale", "0.08 1; small-images: 0.5 1"), ("--no-sobel", "off"),
                         ("--labels", "folders"), ("--channels-last", "off; small-images: on")):
         assert _flag_help(parser, flag).endswith(f" (default: {shown})"), flag
-    assert "(default: 5; small-images: 48)" in _help(["train", "--help"], capsys)
+    assert f"(default: 5; {sized})" in " ".join(_help(["train", "--help"], capsys).split())
     # Every flag whose config default is set shows it, none shows "None", and the flags
     # themselves default to None so that --config and --preset still apply.
     for action in parser._actions:

@@ -97,3 +97,31 @@ def test_older_run_configs_have_the_rule_off():
     d = resolve(preset="small-images").to_dict()
     del d["size"]  # config.yaml of a run from before the rule
     assert config_from_saved(d).size.rule == "off"
+
+
+def test_a_run_logs_and_records_the_rule_and_a_resume_keeps_it(tiny_mnist_root, tmp_path, caplog):
+    """deepcluster train --preset small-images on 240 images: k 10 (at most N / 10 = 24, at
+    least 10), PCA 8 (240 // 50 = 4, at least 8), batch 32, lr 0.00625; --epochs given, kept."""
+    import logging
+
+    import yaml
+
+    from deepcluster.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--preset", "small-images", "--data-root", str(tiny_mnist_root), "--workers", "0",
+            "--output-dir", str(out), "--amp", "none"]
+    with caplog.at_level(logging.INFO, logger="deepcluster"):
+        assert main([*args, "--epochs", "1"]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("size rule"))
+    assert "240 images: k 10, PCA 8" in line and "kept as you set them: optim.epochs" in line
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["size"] == {"rule": "auto", "pinned": "optim.epochs", "images": 240}
+    assert (saved["cluster"]["k"], saved["cluster"]["pca_dim"], saved["optim"]["batch_size"], saved["optim"]["epochs"],
+            saved["optim"]["lr"]) == (10, 8, 32, 1, 0.00625)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepcluster"):
+        assert main([*args, "--resume", "--epochs", "2"]) == 0
+    assert not any(r.getMessage().startswith("size rule") for r in caplog.records)  # chosen once, kept
+    again = yaml.safe_load((out / "config.yaml").read_text())
+    assert again["size"]["images"] == 240 and again["optim"]["epochs"] == 2 and again["cluster"]["pca_dim"] == 8

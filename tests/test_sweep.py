@@ -175,6 +175,6 @@ def test_help_takes_every_train_flag_and_a_list_of_k(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0
     assert "--k K1,K2,... comma-separated numbers of clusters" in text and "(default: 100)" not in text
-    assert "(default: 5; small-images: 48)" in text  # --epochs, as train shows it
+    assert "(default: 5; small-images: from the number of images, see --preset)" in text  # --epochs, as train shows it
     for flag in ("--preset", "--subset", "--lr-schedule", "--head", "--eval-subset", "--eval-test-subset"):
         assert flag in text, flag

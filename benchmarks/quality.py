@@ -413,6 +413,18 @@ def table(name: str, results: dict[str, dict[str, float]], rows: dict[str, Any],
     return "\n".join(lines)
 
 
+KEPT_MARKER = "<!-- Sections below are written by other benchmarks; benchmarks/quality.py keeps them. -->"
+"""RESULTS.md past this line (the size table of benchmarks/sizes.py, the final clustering of
+benchmarks/final_clustering.py) survives a new invocation of this benchmark."""
+
+
+def write_keeping_sections(target: Path, text: str) -> None:
+    """Write ``text`` to ``target``, followed by what ``target`` held past :data:`KEPT_MARKER`."""
+    old = target.read_text() if target.is_file() else ""
+    kept = old.split(KEPT_MARKER, 1)[1] if KEPT_MARKER in old else ""
+    target.write_text(text + (f"\n\n{KEPT_MARKER}{kept}" if kept else ""))
+
+
 def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: dict[str, Any], out_dir: Path,
                  s: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -486,7 +498,7 @@ def write_report(all_results: dict[str, Any], all_rows: dict[str, Any], meta: di
                 parts.append("| " + " | ".join(str(c) for c in cells) + " |")
             parts.append("")
     parts += ["Settings: " + json.dumps({k: v for k, v in meta["settings"].items()}, default=str), ""]
-    (out_dir / "RESULTS.md").write_text("\n".join(parts))
+    write_keeping_sections(out_dir / "RESULTS.md", "\n".join(parts))
 
 
 def fmt_machine(m: Any) -> str:

@@ -98,3 +98,12 @@ def test_a_row_is_named_by_what_the_run_changes_from_its_preset(quality):
 
     sized = apply_size_rule(resolve(preset="small-images", overrides={"cluster": {"k": 7}}), 2000)[0].to_dict()
     assert quality.changes_from_preset(sized) == ["k 7"]
+
+
+def test_results_md_keeps_the_sections_other_benchmarks_write(quality, tmp_path):
+    target = tmp_path / "RESULTS.md"
+    quality.write_keeping_sections(target, "# generated 1")
+    assert target.read_text() == "# generated 1"
+    target.write_text(target.read_text() + f"\n\n{quality.KEPT_MARKER}\n## Any size\n| a |\n")
+    quality.write_keeping_sections(target, "# generated 2")
+    assert target.read_text() == f"# generated 2\n\n{quality.KEPT_MARKER}\n## Any size\n| a |\n"

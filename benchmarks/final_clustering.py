@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 10
 K_FINE = 100
 PCA_DIM = 50
-SETS = ["pixels", "random", "trained", "digits-pixels", "digits-random"]
+SETS = ["pixels", "random", "trained", "digits-pixels", "digits-random", "digits-trained"]
 
 
 def pixel_features(source) -> np.ndarray:
@@ -65,10 +65,10 @@ def pixel_features(source) -> np.ndarray:
                      for i in range(len(source))])
 
 
-def network_fc7(model, source, batch_size: int = 500) -> np.ndarray:
+def network_fc7(model, source, batch_size: int = 500, data: str = "fashion-mnist") -> np.ndarray:
     """``(N, fc_dim)`` fc7 before its ReLU of ``model`` (eval mode) on the images of
-    ``source`` through the Fashion-MNIST clustering transform."""
-    data = IndexedDataset(source, cluster_transform(image_spec("fashion-mnist")))
+    ``source`` through the clustering transform of data set ``data`` (at 28 px)."""
+    data = IndexedDataset(source, cluster_transform(image_spec(data, 28)))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     with eval_mode(model):
         return extract(model.forward_fc7, loader, len(source), model.fc_dim, desc="fc7")
@@ -138,12 +138,14 @@ def table(results: dict[str, dict]) -> str:
 
 
 def trained_fc7(checkpoint: Path, source) -> tuple[np.ndarray, dict]:
-    """fc7 of the network saved in ``checkpoint`` and what it was (epochs trained)."""
+    """fc7 of the network saved in ``checkpoint`` (through its own data set's transform) and
+    what it was (epochs trained)."""
     model, state = load_model(checkpoint)
-    return network_fc7(model, source), {"checkpoint": str(checkpoint), "epochs_trained": state.get("epoch")}
+    data = (state.get("meta") or {}).get("data") or "fashion-mnist"
+    return network_fc7(model, source, data=data), {"checkpoint": str(checkpoint), "epochs_trained": state.get("epoch")}
 
 
-def feature_sets(names: list[str], n: int | None, checkpoint: Path | None):
+def feature_sets(names: list[str], n: int | None, checkpoint: Path | None, digits_checkpoint: Path | None = None):
     """``name -> () -> (features (N, 50), labels (N,), notes)`` for the sets asked."""
     fmnist = build_source("fashion-mnist", split="test") if any(not x.startswith("digits") for x in names) else None
     m = min(n or len(fmnist), len(fmnist)) if fmnist is not None else 0
@@ -155,9 +157,13 @@ def feature_sets(names: list[str], n: int | None, checkpoint: Path | None):
         "trained": lambda: (lambda f, note: (reduce(f[:m]), y, note))(*trained_fc7(checkpoint, fmnist)),
         "digits-pixels": lambda: (reduce(digits.values), digits.labels, {}),
         "digits-random": lambda: (reduce(random_fc7(digits)), digits.labels, {}),
+        "digits-trained": lambda: (lambda f, note: (reduce(f), digits.labels, note))(
+            *trained_fc7(digits_checkpoint, digits)),
     }
     if "trained" in names and checkpoint is None:
         raise SystemExit("--sets trained needs --checkpoint")
+    if "digits-trained" in names and digits_checkpoint is None:
+        raise SystemExit("--sets digits-trained needs --digits-checkpoint")
     return {name: makers[name] for name in names}
 
 
@@ -169,15 +175,18 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=None, choices=SETS,
                     help="feature sets (default: all; 'trained' only with --checkpoint)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a trained run's checkpoint.pt (or run directory)")
+    ap.add_argument("--digits-checkpoint", type=Path, default=None,
+                    help="a run trained on the digits folder of benchmarks/sizes.py (set digits-trained)")
     ap.add_argument("--update", action="store_true",
                     help="keep the sets and methods of --out that this call does not measure")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/final_clustering.json")
     args = ap.parse_args()
-    sets = args.sets or [x for x in SETS if x != "trained" or args.checkpoint]
+    sets = args.sets or [x for x in SETS if (x != "trained" or args.checkpoint)
+                         and (x != "digits-trained" or args.digits_checkpoint)]
     t0 = time.perf_counter()
     old = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
     results: dict[str, dict] = dict(old.get("results", {}))
-    for name, make in feature_sets(sets, args.subset, args.checkpoint).items():
+    for name, make in feature_sets(sets, args.subset, args.checkpoint, args.digits_checkpoint).items():
         x, labels, notes = make()
         kept = results.get(name, {}).get("methods", {})  # --update: the methods this call does not run stay
         results[name] = {"images": int(x.shape[0]), **notes, "methods": kept}

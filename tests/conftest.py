@@ -48,6 +48,18 @@ def tiny_mnist_root(tmp_path_factory):
     return root
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def train_tiny(root, out, **sections):
     """A tiny DeepCluster run into ``out`` (returned): the fixture data at ``root``, k = 10,
     PCA 32, 2 epochs of batch 64, no loader workers. ``sections`` update the settings

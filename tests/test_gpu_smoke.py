@@ -7,13 +7,14 @@ GPU will run has been run once here.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 pytestmark = pytest.mark.slow  # a benchmark script run small: in the full suite, not the quick part
 
@@ -53,9 +54,7 @@ def test_the_same_checks_pass_on_the_cpu_with_gloo():
 
 
 def test_a_failing_check_prints_fail_the_others_still_run_and_the_status_is_1(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    gpu = load_benchmark("gpu")
 
     def broken(device):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")

@@ -1,25 +1,19 @@
 """benchmarks/quality.py reads back a protocol's result only when it holds exactly the
 measurement asked for: same checkpoint file, images and settings."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-from conftest import train_tiny
+from conftest import load_benchmark, train_tiny
 from deepcluster.eval import Grid, open_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality")
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sizes():
-    spec = importlib.util.spec_from_file_location("sizes_bench", ROOT / "benchmarks" / "sizes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sizes")
 
 
 def row(dc_knn, random_knn, dc_nmi, random_nmi, queries=10000):

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from deepcluster.eval import make_random_init
+from deepcluster.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -48,54 +51,43 @@ def cli(*args: str) -> None:
 
 
 def write_digits(root: Path) -> Path:
-    """scikit-learn's digits as a labelled folder of 28 px PNGs (bilinear from 8x8; 16 grey
-    levels to 255), regenerated when missing: nothing is committed."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    """scikit-learn's digits as a labelled folder of 28 px PNGs, the images of
+    ``final_clustering.DigitsSource``; regenerated when missing: nothing is committed."""
+    from final_clustering import DigitsSource
 
     if (root / "9").is_dir() and len(list(root.glob("*/*.png"))) == 1797:
         return root
-    bunch = load_digits()
-    for i, (values, label) in enumerate(zip(bunch.data, bunch.target)):
+    digits = DigitsSource()
+    for i, label in enumerate(digits.labels):
         d = root / str(label)
         d.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray(np.uint8(np.round(values.reshape(8, 8) / 16 * 255)), mode="L")
-        img.resize((28, 28), Image.BILINEAR).save(d / f"{i:04d}.png")
+        digits.load(i).convert("L").save(d / f"{i:04d}.png")
     return root
 
 
 def finished(run: Path) -> bool:
-    """The run's checkpoint has all its epochs (metrics.jsonl has one line per epoch of config.yaml)."""
-    import yaml
-
-    if not (run / "checkpoint.pt").is_file() or not (run / "config.yaml").is_file():
-        return False
-    epochs = yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"]
-    return len((run / "metrics.jsonl").read_text().splitlines()) >= epochs
+    """The run's checkpoint has all its epochs (metrics.jsonl has a record per epoch of config.yaml)."""
+    rd = RunDir(run)
+    return rd.checkpoint.is_file() and rd.config.is_file() and len(rd.read_metrics()) >= rd.read_config().optim.epochs
 
 
 def random_init(run: Path, seed: int, out: Path) -> Path:
     """The run's architecture with random weights from ``seed`` (seed = the run's: its start)."""
-    from deepcluster.checkpoint import load_checkpoint, save_checkpoint
-    from deepcluster.eval.baselines import _baseline_state
-    from deepcluster.eval.nettrain import fresh_model
+    if not (out / "checkpoint.pt").is_file():
+        make_random_init(run, out, seed=seed)
+    return out
 
-    target = out / "checkpoint.pt"
-    if not target.is_file():
-        state = load_checkpoint(run / "checkpoint.pt")
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(_baseline_state(state, fresh_model(state, seed=seed), "random", 0,
-                                        {"source_checkpoint": str(run), "train_seconds": 0.0, "init_seed": seed}), target)
-    return target.parent
+
+def newest_result(net: Path, protocol: str) -> dict:
+    """The result file ``eval`` wrote last for ``protocol`` (its name depends on the data flags)."""
+    return json.loads(max((net / "eval").glob(f"{protocol}*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
 
 
 def score(net: Path, data_flags: list[str]) -> dict[str, float]:
     """kNN and k=10 NMI/ACC (mean, sd over k-means seeds) of one network, via the CLI (cached)."""
     for protocol, extra in (("knn", []), ("clusters", ["--repeats", str(REPEATS)])):
         cli("eval", protocol, "--checkpoint", str(net), "--workers", "0", *data_flags, *extra)
-    results = {p.name: json.loads(p.read_text()) for p in (net / "eval").glob("*.json")}
-    knn = next(v for k, v in sorted(results.items()) if k.startswith("knn"))
-    m = next(v for k, v in sorted(results.items()) if k.startswith("clusters"))["metrics"]
+    knn, m = newest_result(net, "knn"), newest_result(net, "clusters")["metrics"]
     return {"knn": float(knn["metrics"]["knn"]), "queries": int(knn["data"]["test_images"]),
             "reference": int(knn["reference_images"]),
             "nmi": float(m["nmi_mean"]), "nmi_sd": float(m["nmi_sd"]), "acc": float(m["acc_mean"]),
@@ -104,17 +96,15 @@ def score(net: Path, data_flags: list[str]) -> dict[str, float]:
 
 def run_size(name: str, slug: str, train_flags: list[str], data_flags: list[str], work: Path,
              run: Path | None) -> dict:
-    import yaml
-
     run = run or work / slug
     t0 = time.time()
     if not finished(run):
         cli("train", "--preset", "small-images", "--output-dir", str(run), *train_flags)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    row = {"name": name, "run": str(run), "images": int((cfg.get("size") or {}).get("images") or 0),
-           "k": cfg["cluster"]["k"], "pca_dim": cfg["cluster"]["pca_dim"], "epochs": cfg["optim"]["epochs"],
-           "batch_size": cfg["optim"]["batch_size"], "lr": cfg["optim"]["lr"],
+    rd = RunDir(run)
+    cfg, metrics = rd.read_config(), rd.read_metrics()
+    row = {"name": name, "run": str(run), "images": cfg.size.images or 0,
+           "k": cfg.cluster.k, "pca_dim": cfg.cluster.pca_dim, "epochs": cfg.optim.epochs,
+           "batch_size": cfg.optim.batch_size, "lr": cfg.optim.lr,
            "train_minutes": sum(m.get("epoch_s", 0.0) for m in metrics) / 60,
            "rankme_first": metrics[0].get("rankme"), "rankme_last": metrics[-1].get("rankme")}
     row["deepcluster"] = score(run, data_flags)

@@ -152,3 +152,19 @@ def test_clusters_repeats_report_each_draw_and_their_mean_and_sd(tiny_run, capsy
     assert "nmi_mean" not in single["metrics"] and single["metrics"]["nmi"] == pytest.approx(m["nmi"])
     assert run_eval("clusters", "--checkpoint", str(tiny_run), "--repeats", "0") == 1
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_random_init_seed_defaults_to_the_run_s_and_other_seeds_differ(tiny_run, tmp_path):
+    import torch
+
+    from deepcluster.eval import make_random_init
+    from deepcluster.eval.nettrain import fresh_model
+
+    own = torch.load(make_random_init(tiny_run, tmp_path / "own"), weights_only=True)
+    same = torch.load(make_random_init(tiny_run, tmp_path / "s0", seed=0), weights_only=True)  # the fixture's seed
+    other = torch.load(make_random_init(tiny_run, tmp_path / "s1", seed=1), weights_only=True)
+    w = "features.0.weight" if "features.0.weight" in own["model"] else next(iter(own["model"]))
+    assert torch.equal(own["model"][w], same["model"][w]) and not torch.equal(own["model"][w], other["model"][w])
+    assert "init_seed" not in own and other["init_seed"] == 1
+    start = fresh_model(torch.load(tiny_run / "checkpoint.pt", weights_only=True)).state_dict()
+    assert torch.equal(own["model"][w], start[w])

@@ -50,14 +50,20 @@ def _baseline_state(state: dict[str, Any], model, method: str, epoch: int, extra
             "config": state.get("config", {}), "epoch": epoch, **extra}
 
 
-def make_random_init(checkpoint: str | Path, output: str | Path) -> Path:
+def make_random_init(checkpoint: str | Path, output: str | Path, seed: int | None = None) -> Path:
     """Write the random-init baseline of ``checkpoint``'s run to ``output`` (a directory
-    or a ``.pt`` path); returns the checkpoint file."""
+    or a ``.pt`` path); returns the checkpoint file.
+
+    ``seed``: the torch seed of the initialisation (default: the run's, i.e. the weights
+    the run started from); other seeds give the spread of random networks.
+    """
     state = load_checkpoint(checkpoint)
-    model = fresh_model(state)
+    model = fresh_model(state, seed=seed)
     out = _target(output)
-    save_checkpoint(_baseline_state(state, model, "random", 0, {"source_checkpoint": str(checkpoint),
-                                                                "train_seconds": 0.0}), out)
+    extra = {"source_checkpoint": str(checkpoint), "train_seconds": 0.0}
+    if seed is not None:
+        extra["init_seed"] = seed
+    save_checkpoint(_baseline_state(state, model, "random", 0, extra), out)
     logger.info("random-init baseline of %s written to %s", checkpoint, out)
     return out
 

@@ -188,13 +188,17 @@ class SizeConfig:
     """The size rule (:mod:`deepcluster.sizing`): settings that depend on the number of
     images N chosen from N when the run starts, and recorded here once chosen."""
     rule: str = "off"
-    """off (the values as given) or auto (``cluster.k``, ``optim.epochs``,
-    ``optim.batch_size`` and ``optim.lr`` from N, except those in ``pinned``)."""
+    """off (the values as given) or auto (the settings of
+    :data:`deepcluster.sizing.SIZED_KEYS` from N, except those in ``pinned``)."""
     pinned: str = ""
     """Comma-separated ``section.key`` of the sized settings the user set (a flag or the
     config file): the rule leaves them as given."""
     images: int | None = None
     """N the rule chose the values for (null: not chosen yet; a resumed run keeps them)."""
+
+    @property
+    def pinned_keys(self) -> set[str]:
+        return {x for x in self.pinned.split(",") if x}
 
 
 @dataclass
@@ -228,8 +232,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "augment": {"crop_scale": [0.5, 1.0], "jitter": 1.0},
         "optim": {"epochs": 48, "lr_schedule": "cosine", "head": "matched"},
         "run": {"amp": "auto", "channels_last": True},
-        # The values above are those of 60,000 images; on other sizes k, the epochs, the
-        # batch and the learning rate follow deepcluster.sizing.size_rule (docs/RESULTS.md).
+        # The values above are those of 60,000 images; on other sizes the settings of
+        # deepcluster.sizing.SIZED_KEYS follow deepcluster.sizing.size_rule (docs/RESULTS.md).
         "size": {"rule": "auto"},
     },
 }
@@ -356,8 +360,9 @@ def resolve(preset: str | None = None, file: str | Path | None = None,
     if d["size"]["rule"] == "auto" and d["size"].get("images") is None:
         given = {f"{sec}.{key}" for src in (file_d, overrides or {}) for sec, keys in src.items()
                  if isinstance(keys, dict) for key in keys}
-        old = {x for x in str(d["size"].get("pinned") or "").split(",") if x}
-        d["size"]["pinned"] = ",".join(sorted((given & set(SIZED_KEYS)) | old))
+        cfg = config_from_dict(d)
+        return dataclasses.replace(cfg, size=dataclasses.replace(
+            cfg.size, pinned=",".join(sorted((given & set(SIZED_KEYS)) | cfg.size.pinned_keys))))
     return config_from_dict(d)
 
 
@@ -367,7 +372,7 @@ def apply_size_rule(cfg: Config, n: int) -> tuple[Config, str | None]:
     already: a resumed run keeps its values)."""
     if cfg.size.rule != "auto" or cfg.size.images is not None:
         return cfg, None
-    pinned = {x for x in cfg.size.pinned.split(",") if x}
+    pinned = cfg.size.pinned_keys
     batch = cfg.optim.batch_size if "optim.batch_size" in pinned else None
     d = cfg.to_dict()
     chosen = []

@@ -51,22 +51,22 @@ def rule_pca_dim(n: int) -> int:
     return int(min(REFERENCE_PCA_DIM, max(MIN_PCA_DIM, n // IMAGES_PER_PCA_DIM)))
 
 
+def steps_per_epoch(n: int, batch: int) -> int:
+    return math.ceil(n / batch)
+
+
 def rule_batch(n: int) -> int:
     """Images per SGD step: 256, or the power of two that gives at least
     :data:`MIN_STEPS_PER_EPOCH` steps an epoch, at least :data:`MIN_BATCH`."""
     batch = REFERENCE_BATCH
-    while batch > MIN_BATCH and math.ceil(n / batch) < MIN_STEPS_PER_EPOCH:
+    while batch > MIN_BATCH and steps_per_epoch(n, batch) < MIN_STEPS_PER_EPOCH:
         batch //= 2
     return batch
 
 
 def rule_steps(n: int) -> int:
     """SGD steps of the whole run: the reference's 48 epochs at the rule's batch."""
-    return REFERENCE_EPOCHS * math.ceil(n / rule_batch(n))
-
-
-def steps_per_epoch(n: int, batch: int) -> int:
-    return math.ceil(n / batch)
+    return REFERENCE_EPOCHS * steps_per_epoch(n, rule_batch(n))
 
 
 def size_rule(n: int, batch_size: int | None = None) -> dict[str, dict[str, Any]]:

@@ -125,3 +125,13 @@ def test_a_run_logs_and_records_the_rule_and_a_resume_keeps_it(tiny_mnist_root, 
     assert not any(r.getMessage().startswith("size rule") for r in caplog.records)  # chosen once, kept
     again = yaml.safe_load((out / "config.yaml").read_text())
     assert again["size"]["images"] == 240 and again["optim"]["epochs"] == 2 and again["cluster"]["pca_dim"] == 8
+
+
+def test_train_help_states_the_rule_from_its_constants(capsys):
+    from deepcluster.cli import build_parser
+    from deepcluster.sizing import rule_text
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert rule_text() in text and "k = 100 sqrt(N / 60,000) in [10, N / 10], PCA N / 50 in [8, 256]" in text

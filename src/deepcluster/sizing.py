@@ -83,6 +83,14 @@ def size_rule(n: int, batch_size: int | None = None) -> dict[str, dict[str, Any]
     return {"cluster": {"k": rule_k(n), "pca_dim": rule_pca_dim(n)}, "optim": {"epochs": epochs, "batch_size": batch, "lr": lr}}
 
 
+def rule_text() -> str:
+    """The rule in words, from the constants above (``train --help``)."""
+    return (f"k = {REFERENCE_K} sqrt(N / {REFERENCE_IMAGES:,}) in [{MIN_K}, N / 10], PCA N / {IMAGES_PER_PCA_DIM} in "
+            f"[{MIN_PCA_DIM}, {REFERENCE_PCA_DIM}], batch {REFERENCE_BATCH} halved until an epoch has "
+            f"{MIN_STEPS_PER_EPOCH} steps (at least {MIN_BATCH}), lr {REFERENCE_LR:g} x batch / {REFERENCE_BATCH}, "
+            f"{REFERENCE_EPOCHS} epochs")
+
+
 def describe(n: int) -> str:
     """One line: the rule's values at ``n`` images (help texts, logs)."""
     r = size_rule(n)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LABELS, PRESETS, Config, merge, resolve
-from ..sizing import SIZED_KEYS
+from ..sizing import SIZED_KEYS, rule_text
 
 logger = logging.getLogger("deepcluster")
 
@@ -94,10 +94,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named set of defaults: paper (the paper's settings, default) or small-images "
                         "(experiments/ABLATION.md; tuned on 60,000 images, and on N images it chooses k, the PCA "
-                        "dimensions, the batch, the learning rate and the epochs from N: k = 100 sqrt(N / 60,000) "
-                        "in [10, N / 10], PCA N / 50 in [8, 256], batch 256 halved until an epoch has 32 steps "
-                        "(at least 32), lr 0.05 x batch / 256, 48 epochs; flags you give are kept; the values "
-                        "chosen are logged and written to config.yaml; docs/RESULTS.md)")
+                        f"dimensions, the batch, the learning rate and the epochs from N: {rule_text()}; flags you "
+                        "give are kept; the values chosen are logged and written to config.yaml; docs/RESULTS.md)")
     _data_and_model_flags(p)
     _clustering_flags(p)
     _optimisation_flags(p)

@@ -178,3 +178,78 @@ def test_help_takes_every_train_flag_and_a_list_of_k(capsys):
     assert "(default: 5; small-images: from the number of images, see --preset)" in text  # --epochs, as train shows it
     for flag in ("--preset", "--subset", "--lr-schedule", "--head", "--eval-subset", "--eval-test-subset"):
         assert flag in text, flag
+
+
+# ---------------------------------------------------------------- do the label-free signals track?
+
+def test_spearman_against_hand_ranks():
+    from deepcluster.sweep import spearman
+
+    # ranks 1 2 3 4 against 1 2 4 3: d^2 = 0 + 0 + 1 + 1, rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    assert spearman([0.1, 0.2, 0.3, 0.4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their mean rank: x ranks 1.5 1.5 3, y ranks 1 2 3 -> Pearson of the ranks
+    rx, ry = np.array([1.5, 1.5, 3.0]), np.array([1.0, 2.0, 3.0])
+    assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def _row(k, epochs, knn, stability, chance, rankme=10.0):
+    return {"k": k, "epochs": epochs, "knn": knn, "nmi": knn / 2, "acc": None, "rankme": rankme,
+            "stability": stability, "nmi_chance": chance, "nmi_prev": None}
+
+
+def test_proxy_correlations_views():
+    from deepcluster.sweep import correlations_markdown, proxy_correlations
+
+    # k = 10: kNN rises with the epochs and so does stability; k = 100: kNN rises, stability falls.
+    # Across k at the last epoch (3): k = 10 has the higher kNN but the lower stability - chance.
+    rows = [_row(10, 1, 0.70, 0.50, 0.0), _row(10, 2, 0.72, 0.60, 0.0), _row(10, 3, 0.74, 0.70, 0.0),
+            _row(100, 1, 0.60, 0.95, 0.1), _row(100, 2, 0.65, 0.90, 0.1), _row(100, 3, 0.69, 0.85, 0.1),
+            _row(300, 3, 0.50, 0.90, 0.6)]
+    corr = proxy_correlations(rows)
+    assert corr["points"] == {"pooled": 7, "across_k": 3, "within_run": {10: 3, 100: 3, 300: 1}}
+    # within a run: +1 for k = 10, -1 for k = 100 (k = 300 has one point): mean 0
+    assert corr["within_run"]["stability"]["knn"] == pytest.approx(0.0)
+    # across k, last epochs: kNN 0.74 > 0.69 > 0.50; stability - chance 0.70, 0.75, 0.30 -> ranks 2 3 1 vs 3 2 1
+    assert corr["across_k"]["stability_excess"]["knn"] == pytest.approx(0.5)
+    assert corr["across_k"]["stability"]["knn"] == pytest.approx(-1.0)  # raw: 0.70, 0.85, 0.90, reversed
+    # pooled over all 7 points, against scipy on the same pairs
+    from scipy.stats import spearmanr
+
+    x = [r["stability"] - r["nmi_chance"] for r in rows]
+    assert corr["pooled"]["stability_excess"]["nmi"] == pytest.approx(spearmanr(x, [r["knn"] for r in rows])[0])
+    assert corr["pooled"]["rankme"]["knn"] is None  # a constant signal
+    assert corr["pooled"]["nmi_prev"]["acc"] is None  # no values
+    md = correlations_markdown(corr)
+    assert "all points (n = 7): kNN" in md and "| stability − chance | " in md and "+0.50" in md
+
+
+def test_track_scores_every_kept_epoch(tiny_mnist_root, tmp_path):
+    """``--track``: each snapshot is scored as the sweep scores the last epoch, a second call
+    measures nothing again, and the correlation table is written."""
+    from deepcluster.sweep import evaluate_member, track_epochs
+
+    out = tmp_path / "sweep"
+    overrides = {**tiny_overrides(tiny_mnist_root), "run": {"workers": 0, "keep_every": 1}}
+    (last,) = run_sweep(overrides, [5], EPOCHS, out, track=True)
+    tracked = json.loads((out / "sweep-epochs.json").read_text())
+    rows = tracked["rows"]
+    assert [(r["k"], r["epochs"]) for r in rows] == [(5, 1), (5, 2)]
+    assert {key: rows[1][key] for key in ("knn", "nmi", "rankme", "stability", "nmi_prev")} == \
+        {key: last[key] for key in ("knn", "nmi", "rankme", "stability", "nmi_prev")}
+    recs, hist = records(out / "k5"), np.load(out / "k5" / "assignments.npy")
+    first = rows[0]
+    assert first["rankme"] == pytest.approx(recs[0]["rankme"]) and first["nmi_prev"] is None
+    sizes = np.bincount(hist[0], minlength=5)  # the snapshot's epoch, not the last
+    assert (first["size_min"], first["size_max"]) == (sizes.min(), sizes.max())
+    assert first["minutes"] == pytest.approx(recs[0]["epoch_s"] / 60)
+    again = evaluate_member(out / "k5", epoch=1)
+    assert (again["knn"], again["stability"]) == (first["knn"], first["stability"])
+    md = (out / "sweep-epochs.md").read_text()
+    assert "Spearman rank correlation" in md and "| 5 | 1 | " in md and "| 5 | 2 | " in md
+    stamp = (out / "sweep-epochs.json").stat().st_mtime_ns
+    snap = (out / "k5" / "checkpoint-epoch1.pt").stat().st_mtime_ns
+    assert track_epochs(out)["rows"] == rows  # read back, not measured again
+    assert (out / "k5" / "checkpoint-epoch1.pt").stat().st_mtime_ns == snap
+    assert (out / "sweep-epochs.json").stat().st_mtime_ns >= stamp

@@ -42,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "set (default: all of it)")
     g.add_argument("--eval-test-subset", type=int, help="fixed random subset of the test split scored by k-NN and "
                    "k-means (default: all of it)")
+    g.add_argument("--track", action="store_true", help="also score every snapshot the runs keep (train them with "
+                   "--keep-every 1) and write SWEEP_DIR/sweep-epochs.md/.json: the Spearman rank correlation of each "
+                   "label-free signal with each labelled score, over all (k, epoch) points, across k and within "
+                   "each run (docs/SWEEP.md)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -52,12 +56,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     overrides = flags_to_overrides(args, TRAIN_FLAGS)
     try:
         rows = run_sweep(overrides, ks, args.epochs, args.sweep_dir, preset=args.preset, config_file=args.config,
-                         eval_subset=args.eval_subset, eval_test_subset=args.eval_test_subset)
+                         eval_subset=args.eval_subset, eval_test_subset=args.eval_test_subset, track=args.track)
     except KeyboardInterrupt as e:
         code = e.args[0] if e.args and isinstance(e.args[0], int) else 2
         raise KeyboardInterrupt(code, f"interrupted; finished runs are kept and the unfinished one keeps its last "
                                       f"complete epoch — run the same `deepcluster sweep ... --output-dir "
                                       f"{args.sweep_dir}` again to continue") from None
     print(table_markdown(rows), end="")
-    logger.info("done: %s (sweep.json, sweep.md, sweep.png)", args.sweep_dir)
+    logger.info("done: %s (sweep.json, sweep.md, sweep.png%s)", args.sweep_dir,
+                ", sweep-epochs.json, sweep-epochs.md" if args.track else "")
     return 0

@@ -197,14 +197,15 @@ def child(args: argparse.Namespace) -> None:
     amp = facts["metrics"][0].get("amp", "none")
 
     # The warm scan: the memo knows every file, so nothing is decoded again.
-    from deepcluster.data.sources import FolderSource, _ScanMemo
+    from deepcluster.data.check import ScanMemo
+    from deepcluster.data.sources import FolderSource
 
     t0 = time.perf_counter()
     FolderSource(args.folder)
     facts["scan_warm_s"] = time.perf_counter() - t0
-    memo = _ScanMemo(Path(args.folder))
+    memo = ScanMemo(Path(args.folder))
     t0 = time.perf_counter()
-    entries = len(_ScanMemo(Path(args.folder)).entries)
+    entries = len(ScanMemo(Path(args.folder)).entries)
     facts["memo"] = {"bytes": memo.path.stat().st_size, "entries": entries, "load_s": time.perf_counter() - t0}
     facts["files"] = {p.name: p.stat().st_size for p in run_dir.iterdir() if p.is_file()}
     facts["network"] = _network_rates(args, amp)

@@ -67,6 +67,24 @@ def test_flat_folder_any_mode_and_bad_files_skipped(tmp_path):
         assert x.shape == (3, 16, 16) and idx == i and torch.isfinite(x).all()
 
 
+def test_loose_files_decode_as_the_training_source_does(tmp_path):
+    """``assign`` and ``search`` read files with ``files.read_image``; a 16-bit grey or a
+    transparent image must give the same pixels as the training source (``to_rgb``), not
+    PIL's plain ``convert("RGB")`` (16-bit grey clipped to white, hidden colours leaking)."""
+    from deepcluster.data.files import read_image
+
+    for name, mode in {"wide.png": "I;16", "alpha.png": "RGBA", "grey.png": "L"}.items():
+        _save(tmp_path / name, mode)
+    src = FolderSource(str(tmp_path))
+    for i, path in enumerate(src.paths):
+        img, reason = read_image(path)
+        assert reason == "" and np.array_equal(np.asarray(img), np.asarray(src.load(i))), path
+    wide = np.asarray(read_image(str(tmp_path / "wide.png"))[0])
+    with Image.open(tmp_path / "wide.png") as raw:
+        assert (np.asarray(raw.convert("RGB")) == 255).mean() > 0.9  # what plain convert would have given
+    assert (wide == 255).mean() < 0.1
+
+
 def test_folder_image_size_is_the_median_shorter_side_within_28_224(tmp_path):
     def folder(name, sizes):
         d = tmp_path / name
@@ -84,7 +102,7 @@ def test_folder_image_size_is_the_median_shorter_side_within_28_224(tmp_path):
 def test_a_rescan_decodes_only_files_changed_since_the_last_scan(tmp_path, monkeypatch):
     import os
 
-    from deepcluster.data import sources
+    from deepcluster.data import check
 
     monkeypatch.setenv("DEEPCLUSTER_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "imgs"
@@ -93,8 +111,8 @@ def test_a_rescan_decodes_only_files_changed_since_the_last_scan(tmp_path, monke
         _save(folder / f"{i}.png", "RGB")
     (folder / "bad.png").write_bytes(b"junk")
     decoded = []
-    real = sources._check_image
-    monkeypatch.setattr(sources, "_check_image", lambda p: decoded.append(os.path.basename(p)) or real(p))
+    real = check.check_image
+    monkeypatch.setattr(check, "check_image", lambda p: decoded.append(os.path.basename(p)) or real(p))
 
     first = FolderSource(str(folder))
     assert sorted(decoded) == sorted([f"{i}.png" for i in range(6)] + ["bad.png"]) and len(first) == 6

@@ -282,19 +282,19 @@ def test_training_on_a_folder_with_every_hazard_completes(tmp_path):
 
 # --------------------------------------------------------------------------- scan memo and manifest
 def test_the_memo_is_compact_and_an_old_json_memo_is_discarded(tmp_path):
-    from deepcluster.data import sources
+    from deepcluster.data.check import ScanMemo
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
         png(folder / f"{i}.png", i)
-    memo = sources._ScanMemo(folder)
+    memo = ScanMemo(folder)
     old = memo.path.with_suffix(".json")
     old.parent.mkdir(parents=True)
     old.write_text(json.dumps({"root": str(folder.resolve()), "entries": {"0.png": [1, 2, False]}}))
     src = scan(folder)
     assert not old.exists() and memo.path.exists() and len(src) == 3
-    assert sources._ScanMemo(folder).entries == {f"{i}.png": (s, t, None) for i, s, t in
+    assert ScanMemo(folder).entries == {f"{i}.png": (s, t, None) for i, s, t in
                                                  zip(range(3), src.sizes.tolist(), src.mtimes_ns.tolist())}
 
 

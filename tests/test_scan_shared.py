@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run_ranks
 from deepcluster import distributed as D
-from deepcluster.data import sources
+from deepcluster.data import check as folder_check
 from deepcluster.data.sources import FolderSource
 
 pytestmark = pytest.mark.distributed
@@ -38,17 +38,17 @@ def build_counting(root: str) -> tuple[FolderSource, list[str]]:
     """``FolderSource(root)`` and the paths this process decoded while building it (calls
     of the check function, which the scan threads look up in the module)."""
     decoded: list[str] = []
-    check = sources._check_image
+    check = folder_check.check_image
 
     def counting(path: str) -> str | None:
         decoded.append(path)  # list.append is atomic under the GIL
         return check(path)
 
-    sources._check_image = counting
+    folder_check.check_image = counting
     try:
         return FolderSource(root), decoded
     finally:
-        sources._check_image = check
+        folder_check.check_image = check
 
 
 def summary(src: FolderSource, decoded: list[str]) -> dict:

@@ -13,7 +13,7 @@ On disk: one ``.npz`` (numpy's zip of ``.npy`` arrays, written atomically with
 UTF-8 survives unchanged; NUL cannot occur in a name), plus ``int64`` arrays, in
 :mod:`deepcluster.data.columns`' format. Deflated, 1,000,000 entries like
 ``dir123/img_0001234.png`` take 16 MB and load in well under a second
-(benchmarks/manifest.py, docs/RELIABILITY.md). The same storage keeps the folder scan memo (``sources._ScanMemo``).
+(benchmarks/manifest.py, docs/RELIABILITY.md). The same storage keeps the folder scan memo (``check.ScanMemo``).
 """
 
 from __future__ import annotations

@@ -14,25 +14,22 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..distributed import all_gather_object, broadcast_object, is_distributed, is_main_process, shard_indices
-from .columns import ColumnFileError, read_columns, write_columns
+from ..distributed import is_main_process
+from .check import cache_dir, decode_reasons
+from .errors import DataError
+from .files import to_rgb
 from .scan import IMAGE_EXTENSIONS, FoundFile, display_path, walk_images
 
 logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-class DataError(ValueError):
-    """A data set cannot be used as asked; the message says why and what to do."""
 
 
 class ImageSource:
@@ -75,10 +72,6 @@ class TorchvisionSource(ImageSource):
         return img.convert("RGB")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DEEPCLUSTER_CACHE", Path.home() / ".cache" / "deepcluster"))
-
-
 def _find_idx_dir(candidates: Sequence[Path], folder_name: str) -> Path | None:
     """First directory holding the four MNIST-format files (plain or ``.gz``)."""
     for base in candidates:
@@ -112,7 +105,7 @@ def _torchvision_mnist_root(idx_dir: Path, folder_name: str) -> Path:
         return idx_dir.parent.parent
     # Keyed by the files' content: two data roots holding different files under the same
     # names (a test fixture and the real data set, say) must never share a cache entry.
-    root = _cache_dir() / "torchvision" / _content_key(idx_dir)
+    root = cache_dir() / "torchvision" / _content_key(idx_dir)
     raw = root / folder_name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for f in _MNIST_FILES:
@@ -189,7 +182,7 @@ def mnist_like(name: str, root: str | None, train: bool, download: bool) -> Torc
     if idx_dir is not None:
         ds = cls(str(_torchvision_mnist_root(idx_dir, folder)), train=train, download=False)
     elif download:
-        target = Path(root) if root else _cache_dir() / "torchvision"
+        target = Path(root) if root else cache_dir() / "torchvision"
         logger.info("%s not found under %s; downloading to %s", name, where, target)
         try:
             ds = cls(str(target), train=train, download=True)
@@ -228,129 +221,6 @@ def stl10(root: str | None, split: str, download: bool) -> TorchvisionSource:
     ds = _torchvision_set("stl10", datasets.STL10, root, download, split=split)
     labels = np.asarray(ds.labels, dtype=np.int64)
     return TorchvisionSource(ds, "stl10", None if (labels < 0).all() else labels, ds.classes)
-
-
-_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of any decoded image, with one policy for the odd modes.
-
-    - 16-bit (and 32-bit integer) grey, e.g. 16-bit PNG: scaled to 8 bits (x 255/65535)
-      instead of clipped (PIL's own conversion turns nearly every pixel white);
-    - transparency (RGBA, LA, PA, palette or grey/RGB with a transparent colour):
-      composited over white, so hidden pixels never leak their arbitrary colour;
-    - CMYK, YCbCr, palette, 1-bit, grey: PIL's conversion.
-    """
-    if img.mode in _WIDE_GREY:
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(arr * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _check_image(path: str) -> str | None:
-    """Decode ``path`` fully; ``None`` if usable, else the reason: a non-empty string,
-    safe to write as text (:func:`~deepcluster.data.scan.display_path`: a decoder's
-    message quoting a name that is not UTF-8 is escaped like the name).
-
-    Images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (89.5 M pixels by default) are
-    refused as decompression bombs before any pixel is decoded.
-    """
-    try:
-        with Image.open(path) as img:  # reads the header only
-            w, h = img.size
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                return (f"DecompressionBombError: {w} x {h} = {w * h} pixels, over the limit of "
-                        f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
-            img.load()
-            to_rgb(img)
-    except Exception as e:  # noqa: BLE001 - every decoder failure is a reason to skip
-        return _reason(e, path)
-    return None
-
-
-def _reason(e: Exception, path: str) -> str:
-    """``"ExceptionType: first line of the message"``, without the file's own name (it is
-    the skip list's first column, and a decoder quotes it with ``repr``, which would
-    spell a non-UTF-8 name as ``\\udcff``); text-safe (:func:`display_path`)."""
-    msg = str(e).replace(repr(path), "").replace(path, "").strip().rstrip(":").strip()
-    msg = msg.splitlines()[0] if msg else ""
-    return display_path(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
-
-
-_UNKNOWN = object()  # _ScanMemo.get: not in the memo (private: never a reason, never leaks out)
-
-
-class _ScanMemo:
-    """What the last scan of a folder found, per file: readable, or why not.
-
-    Kept in ``$DEEPCLUSTER_CACHE/folder-scans/<hash of the real folder>.npz`` (the column
-    format of :mod:`deepcluster.data.columns`: paths as one NUL-separated blob, sizes and
-    times as int64, reasons as a blob with ``""`` for readable; ~6 MB per million files,
-    written atomically) and trusted for a file only while its size and modification time
-    are unchanged, so a resumed run, an evaluation or a report over the same folder does
-    not decode every image again. Best effort: an unwritable or unreadable cache only
-    costs the rescan. The JSON memo of earlier releases is removed (a debug line).
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.base = str(root)  # file paths are under the folder as given; the memo is per real folder
-        self.root = str(root.resolve())
-        key = hashlib.sha1(self.root.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        self.path = _cache_dir() / "folder-scans" / (key + ".npz")
-        self.entries: dict[str, tuple[int, int, str | None]] = {}
-        old_json = self.path.with_suffix(".json")
-        if old_json.exists():
-            logger.debug("discarding the JSON folder scan memo of an earlier release: %s", old_json)
-            old_json.unlink(missing_ok=True)
-        try:
-            strings, ints = read_columns(self.path)
-            if strings["root"] == [self.root]:
-                self.entries = {rel: (int(size), int(mtime), reason or None) for rel, size, mtime, reason in
-                                zip(strings["paths"], ints["sizes"].tolist(), ints["mtimes_ns"].tolist(),
-                                    strings["reasons"], strict=True)}
-        except (ColumnFileError, KeyError, ValueError) as e:
-            logger.debug("no usable folder scan memo in %s: %s", self.path, e)
-
-    def _rel(self, path: str) -> str:
-        prefix = os.path.join(self.base, "")
-        return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.base)
-
-    def get(self, f: FoundFile) -> object:
-        """The reason ``f`` is unusable, ``None`` if usable, ``_UNKNOWN`` if not known
-        (not in the memo, or its size or modification time differ)."""
-        e = self.entries.get(self._rel(f.path))
-        if e is None or (e[0], e[1]) != (f.size, f.mtime_ns):
-            return _UNKNOWN
-        return e[2]
-
-    def update(self, results) -> None:
-        """Remember ``(FoundFile, reason)`` pairs (decoded now)."""
-        for f, reason in results:
-            self.entries[self._rel(f.path)] = (f.size, f.mtime_ns, reason)
-
-    def save(self, files: Sequence[FoundFile]) -> None:
-        """Write the entries of ``files`` (the folder's files now; deleted ones are dropped)."""
-        rels = [r for r in (self._rel(f.path) for f in files) if r in self.entries]
-        rows = [self.entries[r] for r in rels]
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_columns(self.path, {"root": [self.root], "paths": rels, "reasons": [r[2] or "" for r in rows]},
-                          {"sizes": np.asarray([r[0] for r in rows], dtype=np.int64),
-                           "mtimes_ns": np.asarray([r[1] for r in rows], dtype=np.int64)})
-        except OSError as e:
-            logger.debug("could not keep the folder scan in %s: %s", self.path, e)
-
-
-def _scan_threads() -> int:
-    """Decoder threads of this process: the node's cores shared among the ranks on it
-    (``LOCAL_WORLD_SIZE``, set by torchrun), at most 16."""
-    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(16, per_rank))
 
 
 def _class_folders(rootp: Path) -> list[str]:
@@ -398,85 +268,6 @@ def _walk_folder(rootp: Path) -> tuple[list[FoundFile], list[str] | None, int]:
     return walk.files, classes, walk.ignored
 
 
-def _decode_reasons(rootp: Path, files: list[FoundFile]) -> list[str | None]:
-    """For each file, why it cannot be used (a string) or ``None``: the walk's reason
-    (dangling link, FIFO, no permission), else the memo's, else a full decode now.
-
-    Under a process group (torchrun) the folder is checked once per run, not once per
-    rank: rank 0 alone reads and writes the memo, the files left to decode are split over
-    the ranks (:func:`~deepcluster.distributed.shard_indices`), each rank decodes its
-    share and the reasons are all-gathered, so every rank ends with the same list and
-    each file is decoded exactly once over all ranks.
-    """
-    memo = _ScanMemo(rootp) if is_main_process() else None
-    reasons: list | None = None
-    if memo is not None:
-        reasons = [f.problem if f.problem is not None else memo.get(f) for f in files]
-    reasons, todo = _agree_on_files(rootp, files, reasons)
-    decoded = _decode_share(files, todo)
-    for i in todo:
-        reasons[i] = decoded[i]
-    if memo is not None:
-        memo.update((files[i], decoded[i]) for i in todo)
-        readable = [f for f in files if f.problem is None]
-        if len(todo) < len(readable):
-            logger.info("scan of %s: %d of %d images unchanged since the last scan, not decoded again (%s)",
-                        display_path(str(rootp)), len(readable) - len(todo), len(readable), memo.path)
-        memo.save(readable)
-    return reasons
-
-
-def _listing_key(files: Sequence[FoundFile]) -> str:
-    """A hash of the listing (paths, sizes, modification times), to compare it across ranks."""
-    h = hashlib.sha1()
-    for f in files:
-        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\0".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def _agree_on_files(rootp: Path, files: Sequence[FoundFile], reasons: list | None) -> tuple[list, list[int]]:
-    """``(reasons, todo)``: rank 0's known reasons (``None`` where unknown) and the indices
-    of the files still to decode, the same on every rank.
-
-    Args:
-        reasons: on rank 0 (and in a single process) one entry per file, ``_UNKNOWN``
-            where the memo does not know it; ``None`` on the other ranks.
-
-    Raises:
-        DataError: the ranks do not list the same files (raised on every rank).
-    """
-    todo: list[int] = []
-    if reasons is not None:
-        todo = [i for i, r in enumerate(reasons) if r is _UNKNOWN]
-        reasons = [None if r is _UNKNOWN else r for r in reasons]
-    if not is_distributed():
-        return reasons, todo
-    keys = all_gather_object(_listing_key(files))
-    differ = [r for r, k in enumerate(keys) if k != keys[0]]
-    if differ:
-        raise DataError(f"rank(s) {', '.join(map(str, differ))} list other files under {display_path(str(rootp))} "
-                        "than rank 0 (the folder changed during the scan, or it is not the same on every node)")
-    return broadcast_object((reasons, todo) if is_main_process() else None)
-
-
-def _decode_share(files: Sequence[FoundFile], todo: Sequence[int]) -> dict[int, str | None]:
-    """``{index: reason or None}`` for every index in ``todo`` (the same list on every
-    rank), this rank decoding its :func:`~deepcluster.distributed.shard_indices` share
-    in threads and the shares all-gathered (all of them in a single process)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    mine = [todo[j] for j in shard_indices(len(todo))]
-    # Over-size images are refused explicitly in _check_image; the filter (global to
-    # the process, so set once here, not per thread) only keeps PIL's warning quiet.
-    with warnings.catch_warnings(), ThreadPoolExecutor(_scan_threads()) as pool:  # decoders release the GIL
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        decoded = list(pool.map(_check_image, [files[i].path for i in mine]))
-    out: dict[int, str | None] = {}
-    for part in all_gather_object(list(zip(mine, decoded))):
-        out.update(part)
-    return out
-
-
 class FolderSource(ImageSource):
     """Images under a folder: an ImageFolder tree (class sub-folders give labels, used
     only for analysis) or a flat/recursive folder of unlabelled images.
@@ -488,14 +279,14 @@ class FolderSource(ImageSource):
     the decoder, so a PNG named ``.jpg`` is read. Every image is decoded once when the
     source is built (in threads; under torchrun once over all ranks, each decoding its
     share; files unchanged since the last scan of the folder are
-    not decoded again, see :class:`_ScanMemo`). Files that cannot be used (dangling or
+    not decoded again, see :class:`~deepcluster.data.check.ScanMemo`). Files that cannot be used (dangling or
     looping links, FIFOs, no permission, truncated, empty, not an image, decompression
     bombs) are skipped, counted and listed in ``skipped`` as ``(display path, reason)``,
     both strings safe to write as text (:func:`~deepcluster.data.scan.display_path`:
     a name that is not UTF-8 is escaped; ``parse_display_path`` gives the name back);
     the training loop writes them to ``skipped_images.txt``. More than
     ``max_bad_fraction`` failing is an error. Odd modes (16-bit, CMYK, transparency)
-    follow :func:`to_rgb`.
+    follow :func:`~deepcluster.data.files.to_rgb`.
 
     Attributes:
         root: the folder as given; ``paths`` start with it.
@@ -515,7 +306,7 @@ class FolderSource(ImageSource):
         files, self.classes, self.ignored = _walk_folder(rootp)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {display_path(str(root))}")
-        reasons = _decode_reasons(rootp, files) if check else [f.problem for f in files]
+        reasons = decode_reasons(rootp, files) if check else [f.problem for f in files]
         self.skipped: list[tuple[str, str]] = [(display_path(f.path), r) for f, r in zip(files, reasons)
                                                if r is not None]
         if self.skipped:  # the same list on every rank: warned once, at debug level on the others

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint, saved_config
 from ..data import LabelledDataset, Subset, build_source, image_spec, subset_indices, train_transform_from
+from ..runtime import resolve_amp
 from .context import machine_info
 from .nettrain import fresh_model, train_network
 from .splits import require_labels
@@ -103,16 +104,20 @@ def train_supervised(checkpoint: str | Path, output: str | Path, *, epochs: int 
     transform = train_transform_from(spec, cfg.augment)
     opt = cfg.optim
     steps = epochs * math.ceil(len(source) / opt.batch_size)
-    logger.info("supervised baseline: %s on %d labelled images, %d epochs (%d steps of %d), lr %g constant",
-                state["meta"]["arch"], len(source), epochs, steps, opt.batch_size, opt.lr)
+    amp = resolve_amp(cfg.run.amp, torch.device(device))  # the run's precision ("auto": bf16 where native)
+    amp = amp if amp in ("none", "bf16") else "none"
+    logger.info("supervised baseline: %s on %d labelled images, %d epochs (%d steps of %d), lr %g constant, %s",
+                state["meta"]["arch"], len(source), epochs, steps, opt.batch_size, opt.lr,
+                "bfloat16 autocast" if amp == "bf16" else "float32")
     t0 = time.perf_counter()
     stats = train_network(model, LabelledDataset(source, transform), steps=steps, batch_size=opt.batch_size,
                           lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, schedule="constant",
-                          trainable="all", seed=cfg.run.seed, device=device, workers=workers, desc="supervised")
+                          trainable="all", seed=cfg.run.seed, device=device, workers=workers, desc="supervised",
+                          amp=amp)
     seconds = time.perf_counter() - t0
     out = _target(output)
     save_checkpoint(_baseline_state(state, model, "supervised", epochs, {
         "source_checkpoint": str(checkpoint), "train_seconds": seconds, "train_images": len(source),
-        "train_stats": stats, "machine": {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}}), out)
+        "train_stats": stats, "amp": amp, "machine": {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}}), out)
     logger.info("supervised baseline written to %s (%.0f s, last-pass loss %.3f)", out, seconds, stats["loss"])
     return out

@@ -7,15 +7,16 @@ on the DeepCluster loop.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
-from tqdm import tqdm
 
 from ..checkpoint import saved_config
 from ..config import Config
@@ -23,6 +24,7 @@ from ..data import ImageSource, IndexedDataset, cluster_transform
 from ..data.transforms import ImageSpec
 from ..features import extract, make_loader
 from ..models import DeepClusterNet, model_from_meta
+from ..runtime import autocast, progress
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,11 @@ def _train_mode(model: DeepClusterNet, trainable: str) -> None:
 
 def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int, lr: float, momentum: float = 0.9,
                   weight_decay: float = 0.0, schedule: str = "cosine", trainable: str = "all", seed: int = 0,
-                  device: str | torch.device = "cpu", workers: int = 0, desc: str = "train") -> dict[str, float]:
+                  device: str | torch.device = "cpu", workers: int = 0, desc: str = "train",
+                  amp: str = "none") -> dict[str, float]:
     """Cross-entropy training of ``model`` (logits = ``model(x)``) for ``steps`` SGD steps.
+
+    Progress: a bar on a terminal, else a log line every minute (:func:`deepcluster.runtime.progress`).
 
     Args:
         model: the network; its head must already have one output per class.
@@ -74,6 +79,8 @@ def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int
         schedule: ``cosine`` (decay to 0) or ``constant`` (the DeepCluster setting).
         trainable: ``all`` or ``fc`` (see :func:`set_trainable`).
         seed: seeds the batch order and dropout.
+        amp: ``none`` (float32) or ``bf16`` (autocast of the forward pass and the loss;
+            weights, gradients and the optimiser stay float32).
 
     Returns:
         ``{"loss" (mean of the last pass), "steps", "images", "seconds", "images_per_s"}``.
@@ -82,6 +89,8 @@ def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int
         raise ValueError(f"steps must be >= 1, got {steps}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be cosine or constant, got {schedule!r}")
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be none or bf16 here (fp16 needs a gradient scaler), got {amp!r}")
     device = torch.device(device)
     model.to(device)
     params = set_trainable(model, trainable)
@@ -94,24 +103,24 @@ def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int
     _train_mode(model, trainable)
     step, images, t0 = 0, 0, time.perf_counter()
     recent: list[float] = []
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=None)
-    while step < steps:
-        for x, y in loader:
+
+    def passes() -> Iterator[Any]:  # reshuffled passes over the data, as many as the steps need
+        while True:
+            yield from loader
+
+    for x, y in progress(itertools.islice(passes(), steps), desc, total=steps):
+        with autocast(device, amp):
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at step {step} of {desc}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            recent = (recent + [loss.item()])[-len(loader):]
-            step += 1
-            images += len(y)
-            bar.update(1)
-            if step >= steps:
-                break
-    bar.close()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {loss.item()} at step {step} of {desc}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        recent = (recent + [loss.item()])[-len(loader):]
+        step += 1
+        images += len(y)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

@@ -71,7 +71,7 @@ def test_apply_fills_what_the_user_did_not_set_and_records_it():
     sized, note = apply_size_rule(cfg, 2000)
     assert (sized.cluster.k, sized.cluster.pca_dim, sized.optim.batch_size, sized.optim.epochs) == (7, 40, 64, 48)
     assert sized.optim.lr == pytest.approx(0.0125) and sized.size.images == 2000
-    assert "2,000 images" in note and "kept as you set them: cluster.k" in note
+    assert "2,000 images" in note and "kept as you set them: cluster.k 7 (rule: 18)" in note
     # applied once: a resumed run (config.yaml says images: 2000) keeps its values
     again, note2 = apply_size_rule(config_from_saved(sized.to_dict()), 50)
     assert again == sized and note2 is None
@@ -114,7 +114,7 @@ def test_a_run_logs_and_records_the_rule_and_a_resume_keeps_it(tiny_mnist_root, 
     with caplog.at_level(logging.INFO, logger="deepcluster"):
         assert main([*args, "--epochs", "1"]) == 0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("size rule"))
-    assert "240 images: k 10, PCA 8" in line and "kept as you set them: optim.epochs" in line
+    assert "240 images: k 10, PCA 8" in line and "kept as you set them: optim.epochs 1 (rule: 48)" in line
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["size"] == {"rule": "auto", "pinned": "optim.epochs", "images": 240}
     assert (saved["cluster"]["k"], saved["cluster"]["pca_dim"], saved["optim"]["batch_size"], saved["optim"]["epochs"],

@@ -375,15 +375,18 @@ def apply_size_rule(cfg: Config, n: int) -> tuple[Config, str | None]:
     pinned = cfg.size.pinned_keys
     batch = cfg.optim.batch_size if "optim.batch_size" in pinned else None
     d = cfg.to_dict()
-    chosen = []
+    chosen, kept = [], []
+    show = lambda key, value: f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"  # noqa: E731
     for section, values in size_rule(n, batch).items():
         for key, value in values.items():
             if f"{section}.{key}" not in pinned:
                 d[section][key] = value
-                chosen.append(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}")
+                chosen.append(show(key, value))
+            else:  # the user's value, and the rule's beside it
+                kept.append(f"{show(f'{section}.{key}', d[section][key])} (rule: {value:g})")
     d["size"]["images"] = n
     note = (f"size rule ({describe(n)}): {', '.join(chosen) or 'nothing'} chosen from N"
-            + (f"; kept as you set them: {', '.join(sorted(pinned))}" if pinned else ""))
+            + (f"; kept as you set them: {', '.join(sorted(kept))}" if kept else ""))
     return config_from_dict(d), note
 
 

@@ -110,32 +110,15 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _network_rates(args: argparse.Namespace, amp: str) -> dict[str, float]:
-    """Images/s of the network alone, on random inputs: eval forward and a training step."""
-    import torch
+    """Images/s of the network alone on random inputs (``peak.throughput``: the package's
+    training step and extraction loop), contiguous layout as the run used."""
+    from peak import throughput  # here: peak.py imports torch-heavy modules at import
 
     from deepcluster.models import create_model
 
     model = create_model("alexnet_small", num_clusters=args.k, image_size=16, width=0.125, fc_dim=256)
-    x, y = torch.randn(args.batch, 3, 16, 16), torch.randint(0, args.k, (args.batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if amp == "bf16" else torch.enable_grad
-    rates = {}
-    model.eval()
-    with torch.no_grad(), ctx():
-        model(x)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            model(x)
-        rates["forward_img_s"] = 20 * args.batch / (time.perf_counter() - t0)
-    model.train()
-    with ctx():
-        t0 = time.perf_counter()
-        for _ in range(20):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        rates["train_img_s"] = 20 * args.batch / (time.perf_counter() - t0)
-    return rates
+    rates = throughput(model, amp, False, args.batch, 20, image_size=16)
+    return {"forward_img_s": rates["extract"], "train_img_s": rates["train"]}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -203,10 +186,10 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     FolderSource(args.folder)
     facts["scan_warm_s"] = time.perf_counter() - t0
-    memo = ScanMemo(Path(args.folder))
     t0 = time.perf_counter()
-    entries = len(ScanMemo(Path(args.folder)).entries)
-    facts["memo"] = {"bytes": memo.path.stat().st_size, "entries": entries, "load_s": time.perf_counter() - t0}
+    memo = ScanMemo(Path(args.folder))  # reads the memo the scans wrote
+    facts["memo"] = {"load_s": time.perf_counter() - t0, "bytes": memo.path.stat().st_size,
+                     "entries": len(memo.entries)}
     facts["files"] = {p.name: p.stat().st_size for p in run_dir.iterdir() if p.is_file()}
     facts["network"] = _network_rates(args, amp)
     Path(args.facts).write_text(json.dumps(facts, indent=1))

@@ -183,7 +183,7 @@ def test_help_takes_every_train_flag_and_a_list_of_k(capsys):
 # ---------------------------------------------------------------- do the label-free signals track?
 
 def test_spearman_against_hand_ranks():
-    from deepcluster.sweep import spearman
+    from deepcluster.sweep_track import spearman
 
     # ranks 1 2 3 4 against 1 2 4 3: d^2 = 0 + 0 + 1 + 1, rho = 1 - 6 * 2 / (4 * 15) = 0.8
     assert spearman([0.1, 0.2, 0.3, 0.4], [10, 20, 40, 30]) == pytest.approx(0.8)
@@ -200,7 +200,7 @@ def _row(k, epochs, knn, stability, chance, rankme=10.0):
 
 
 def test_proxy_correlations_views():
-    from deepcluster.sweep import correlations_markdown, proxy_correlations
+    from deepcluster.sweep_track import correlations_markdown, proxy_correlations
 
     # k = 10: kNN rises with the epochs and so does stability; k = 100: kNN rises, stability falls.
     # Across k at the last epoch (3): k = 10 has the higher kNN but the lower stability - chance.
@@ -228,7 +228,8 @@ def test_proxy_correlations_views():
 def test_track_scores_every_kept_epoch(tiny_mnist_root, tmp_path):
     """``--track``: each snapshot is scored as the sweep scores the last epoch, a second call
     measures nothing again, and the correlation table is written."""
-    from deepcluster.sweep import evaluate_member, track_epochs
+    from deepcluster.sweep import evaluate_member
+    from deepcluster.sweep_track import track_epochs
 
     out = tmp_path / "sweep"
     overrides = {**tiny_overrides(tiny_mnist_root), "run": {"workers": 0, "keep_every": 1}}

@@ -168,7 +168,7 @@ def chance_nmi(assignments: np.ndarray, draws: int = CHANCE_DRAWS, seed: int = 0
     return float(np.mean([nmi(assignments, rng.permutation(assignments)) for _ in range(draws)]))
 
 
-def _last_epoch_signals(run: Any, last: dict[str, Any], batch_size: int, workers: int) -> dict[str, Any]:
+def _label_free_signals(run: Any, last: dict[str, Any], batch_size: int, workers: int) -> dict[str, Any]:
     """Label-free signals of a loaded run (:class:`deepcluster.rundir.Run`) at the epoch
     of its checkpoint, whose ``metrics.jsonl`` record is ``last``."""
     from .export import run_features
@@ -211,11 +211,9 @@ def _labelled_scores(checkpoint: Path, cfg: Config, eval_subset: int | None,
             "num_classes": ctx.data.num_classes, "eval_test_images": len(ctx.data.test)}
 
 
-def _checkpoint_key(checkpoint: Path, eval_subset: int | None, eval_test_subset: int | None) -> str:
-    """What a stored row was measured on: the checkpoint file (``RUN/checkpoint.pt`` for a
-    run folder) by size and modification time, and the evaluation subsets."""
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoint.pt"
+def checkpoint_key(checkpoint: Path, eval_subset: int | None, eval_test_subset: int | None) -> str:
+    """What a stored row was measured on: the checkpoint file by size and modification
+    time, and the evaluation subsets."""
     st = checkpoint.stat()
     return f"v{ROW_VERSION}|{st.st_size}|{st.st_mtime_ns}|{eval_subset}|{eval_test_subset}"
 
@@ -233,10 +231,10 @@ def evaluate_member(run_dir: str | Path, eval_subset: int | None = None,
         epoch: score the run as it was after this many epochs (its snapshot
             ``checkpoint-epochE.pt``, kept with ``--keep-every``); ``None``: the last.
     """
-    from .rundir import Run, checkpoint_path
+    from .rundir import Run, RunDir
 
     run_dir = Path(run_dir)
-    checkpoint = run_dir / "checkpoint.pt" if epoch is None else checkpoint_path(run_dir, epoch)
+    checkpoint = RunDir(run_dir).checkpoint_for(epoch)
     t0 = time.perf_counter()
     run = Run.load(checkpoint)
     cfg = run.config
@@ -246,9 +244,9 @@ def evaluate_member(run_dir: str | Path, eval_subset: int | None = None,
                            "minutes": sum(r.get("epoch_s") or 0.0 for r in records) / 60.0,
                            "num_images": len(run.last_assignments), "run": str(run_dir)}
     row.update(_labelled_scores(checkpoint, cfg, eval_subset, eval_test_subset))
-    row.update(_last_epoch_signals(run, records[-1] if records else {}, cfg.optim.batch_size, cfg.run.workers))
+    row.update(_label_free_signals(run, records[-1] if records else {}, cfg.optim.batch_size, cfg.run.workers))
     row["eval_s"] = time.perf_counter() - t0
-    row["checkpoint_key"] = _checkpoint_key(checkpoint, eval_subset, eval_test_subset)
+    row["checkpoint_key"] = checkpoint_key(checkpoint, eval_subset, eval_test_subset)
     return row
 
 
@@ -279,7 +277,8 @@ def run_sweep(base_overrides: dict[str, dict[str, Any]], ks: Sequence[int], epoc
         eval_subset, eval_test_subset: see :func:`evaluate_member`.
         track: then also score every snapshot the members kept (``run.keep_every``) and
             measure how well the label-free signals track the labelled scores
-            (:func:`track_epochs`: ``sweep-epochs.json``, ``sweep-epochs.md``).
+            (:func:`deepcluster.sweep_track.track_epochs`: ``sweep-epochs.json``,
+            ``sweep-epochs.md``).
 
     Returns:
         One row per k (ascending), as in ``sweep.json``.
@@ -309,7 +308,8 @@ def run_sweep(base_overrides: dict[str, dict[str, Any]], ks: Sequence[int], epoc
             logger.info("sweep: k=%d already has its %d epochs; not trained again", k, cfg.optim.epochs)
         run = member_dir(out_dir, k)
         old = previous.get(k)
-        if old is not None and old.get("checkpoint_key") == _checkpoint_key(run, eval_subset, eval_test_subset):
+        if old is not None and old.get("checkpoint_key") == checkpoint_key(run / "checkpoint.pt", eval_subset,
+                                                                           eval_test_subset):
             rows.append(old)
         else:
             rows.append(evaluate_member(run, eval_subset, eval_test_subset))
@@ -317,6 +317,8 @@ def run_sweep(base_overrides: dict[str, dict[str, Any]], ks: Sequence[int], epoc
                                            "overrides": base, "eval_subset": eval_subset,
                                            "eval_test_subset": eval_test_subset})
     if track:
+        from .sweep_track import track_epochs
+
         track_epochs(out_dir, ks, eval_subset, eval_test_subset)
     return rows
 
@@ -346,12 +348,16 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{value:.1f}" if key == "rankme" else f"{value:.3f}"
 
 
+def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Header, rule and one line per row (in the order given) of the sweep's columns."""
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
+    return lines + ["| " + " | ".join(_cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
+
+
 def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The sweep as a Markdown table, one line per k (ascending), and a note on what was
     not measured."""
-    rows = sorted(rows, key=lambda r: r["k"])
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
+    lines = table_lines(sorted(rows, key=lambda r: r["k"]))
     notes = sorted({r["eval_note"] for r in rows if r.get("eval_note")})
     return "\n".join(lines + [""] + [f"Note: {n}." for n in notes]).rstrip() + "\n"
 
@@ -384,145 +390,3 @@ def summarise(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     write_text(paths["md"], intro + table_markdown(rows))
     save_figure(plot_sweep(rows, title=f"DeepCluster k sweep ({out_dir.name})"), paths["png"])
     return paths
-
-
-# ---------------------------------------------------------------------- do the label-free signals track?
-
-PROXIES: tuple[tuple[str, str], ...] = (
-    ("rankme", "RankMe"), ("stability", "stability"), ("stability_excess", "stability − chance"),
-    ("nmi_prev", "NMI-prev"), ("nmi_prev_excess", "NMI-prev − chance"),
-)
-"""(key, name) of the label-free signals whose agreement with the labelled scores is measured."""
-LABELLED: tuple[tuple[str, str], ...] = (("knn", "kNN"), ("nmi", "NMI"), ("acc", "ACC"))
-"""(key, name) of the labelled scores."""
-
-
-def _signal(row: dict[str, Any], key: str) -> float | None:
-    """A row's value of ``key``; the ``*_excess`` signals are the raw one minus ``nmi_chance``."""
-    if key.endswith("_excess"):
-        raw, chance = row.get(key[: -len("_excess")]), row.get("nmi_chance")
-        return None if raw is None or chance is None else float(raw) - float(chance)
-    value = row.get(key)
-    return None if value is None else float(value)
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (ties get their mean rank); ``None`` with fewer than 3
-    pairs or when either side is constant."""
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    return float(spearmanr(a, b).statistic)
-
-
-def _rho(rows: Sequence[dict[str, Any]], proxy: str, metric: str) -> tuple[float | None, int]:
-    pairs = [(_signal(r, proxy), _signal(r, metric)) for r in rows]
-    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-    return spearman([x for x, _ in pairs], [y for _, y in pairs]), len(pairs)
-
-
-def proxy_correlations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """How well each label-free signal orders the runs and epochs as each labelled score does.
-
-    ``rows`` are evaluations of several runs (``k``) at several epochs (``epochs``), as
-    :func:`track_epochs` makes. Three views, each a Spearman rank correlation per
-    (signal, score):
-
-    - ``pooled``: all (k, epoch) points together;
-    - ``across_k``: the runs at their last epoch (choosing k);
-    - ``within_run``: per run, over its epochs (choosing the epoch), then the mean over runs.
-
-    Returns:
-        ``{view: {signal: {score: rho or None}}, "points": {view: n}}``.
-    """
-    by_k: dict[int, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_k.setdefault(int(r["k"]), []).append(r)
-    last = [max(rs, key=lambda r: r["epochs"]) for rs in by_k.values()]
-    out: dict[str, Any] = {"pooled": {}, "across_k": {}, "within_run": {}, "points": {}}
-    for proxy, _ in PROXIES:
-        for view in ("pooled", "across_k", "within_run"):
-            out[view][proxy] = {}
-        for metric, _ in LABELLED:
-            out["pooled"][proxy][metric] = _rho(rows, proxy, metric)[0]
-            out["across_k"][proxy][metric] = _rho(last, proxy, metric)[0]
-            per_run = [_rho(rs, proxy, metric)[0] for rs in by_k.values()]
-            per_run = [p for p in per_run if p is not None]
-            out["within_run"][proxy][metric] = float(np.mean(per_run)) if per_run else None
-    out["points"] = {"pooled": len(rows), "across_k": len(last),
-                     "within_run": {k: len(rs) for k, rs in sorted(by_k.items())}}
-    return out
-
-
-def correlations_markdown(corr: dict[str, Any]) -> str:
-    """The correlations as one Markdown table: a line per signal, a column per (view, score)."""
-    views = (("pooled", f"all points (n = {corr['points']['pooled']})"),
-             ("across_k", f"across k, last epoch (n = {corr['points']['across_k']})"),
-             ("within_run", "within a run, over epochs (mean)"))
-    head = ["signal"] + [f"{vname}: {mname}" for _, vname in views for _, mname in LABELLED]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for proxy, pname in PROXIES:
-        cells = [corr[view][proxy][metric] for view, _ in views for metric, _ in LABELLED]
-        lines.append("| " + " | ".join([pname] + ["—" if c is None else f"{c:+.2f}" for c in cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def epochs_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Every evaluated (k, epoch) as the sweep table's columns, k then epoch ascending."""
-    rows = sorted(rows, key=lambda r: (r["k"], r["epochs"]))
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def track_epochs(out_dir: str | Path, ks: Sequence[int] | None = None, eval_subset: int | None = None,
-                 eval_test_subset: int | None = None) -> dict[str, Any]:
-    """Score every kept snapshot of every member as :func:`evaluate_member` scores the
-    last epoch, and measure how well the label-free signals track the labelled scores
-    (:func:`proxy_correlations`).
-
-    The snapshots are those ``--keep-every`` kept (``k<k>/checkpoint-epochE.pt``), plus each
-    member's last epoch. Writes ``sweep-epochs.json`` (rows, correlations) and
-    ``sweep-epochs.md`` into ``out_dir``; a row already there for the same checkpoint file
-    and subsets is not measured again.
-
-    Returns:
-        ``{"rows": [...], "correlations": {...}}``.
-    """
-    from .io import write_text
-    from .machine import machine_info
-    from .rundir import RunDir
-
-    out_dir = Path(out_dir)
-    members = sorted(int(p.name[1:]) for p in out_dir.glob("k*") if p.name[1:].isdigit() and p.is_dir())
-    ks = members if ks is None else sorted(ks)
-    path = out_dir / "sweep-epochs.json"
-    try:
-        cached = {r["checkpoint_key"]: r for r in json.loads(path.read_text())["rows"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        cached = {}
-    rows: list[dict[str, Any]] = []
-    for k in ks:
-        run = member_dir(out_dir, k)
-        epochs: list[int | None] = list(RunDir(run).snapshots())
-        if not epochs:
-            logger.warning("sweep: %s keeps no snapshots (train with --keep-every 1): only its last epoch is scored",
-                           run)
-        if checkpoint_epoch(run) not in epochs:
-            epochs.append(None)
-        for e in epochs:
-            key = _checkpoint_key(run / "checkpoint.pt" if e is None else RunDir(run).snapshot(e), eval_subset,
-                                  eval_test_subset)
-            row = cached.get(key) or evaluate_member(run, eval_subset, eval_test_subset, epoch=e)
-            rows.append(row)
-            corr = proxy_correlations(rows)
-            write_text(path, json.dumps({"machine": machine_info(), "eval_subset": eval_subset,
-                                         "eval_test_subset": eval_test_subset, "rows": rows,
-                                         "correlations": corr}, indent=2, default=str) + "\n")
-    corr = proxy_correlations(rows)
-    write_text(out_dir / "sweep-epochs.md",
-               f"# k sweep, every kept epoch: {out_dir}\n\nSpearman rank correlation of each label-free signal "
-               "with each labelled score (the columns of sweep.md; `—`: fewer than 3 points or a constant "
-               "column).\n\n" + correlations_markdown(corr) + "\n" + epochs_markdown(rows))
-    return {"rows": rows, "correlations": corr}

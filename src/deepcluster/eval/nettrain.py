@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,7 +104,7 @@ def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int
                         num_workers=workers, generator=gen, drop_last=len(dataset) > batch_size)
     _train_mode(model, trainable)
     step, images, t0 = 0, 0, time.perf_counter()
-    recent: list[float] = []
+    recent: deque[float] = deque(maxlen=len(loader))  # the losses of the last pass
 
     def passes() -> Iterator[Any]:  # reshuffled passes over the data, as many as the steps need
         while True:
@@ -111,14 +113,15 @@ def train_network(model: DeepClusterNet, dataset, *, steps: int, batch_size: int
     for x, y in progress(itertools.islice(passes(), steps), desc, total=steps):
         with autocast(device, amp):
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()} at step {step} of {desc}; lower --lr")
+        value = loss.item()  # the one host sync of the step
+        if not math.isfinite(value):
+            raise RuntimeError(f"loss became {value} at step {step} of {desc}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        recent = (recent + [loss.item()])[-len(loader):]
+        recent.append(value)
         step += 1
         images += len(y)
     for p in model.parameters():

@@ -18,6 +18,7 @@ against. Prints a table and writes ``docs/benchmarks/sizes.{json,md}`` (machine 
     python benchmarks/sizes.py                          # 1k, 2k, 5k, 10k, 60k and digits
     python benchmarks/sizes.py --sizes 1000,2000 --no-digits
     python benchmarks/sizes.py --run 60000=runs/fmnist-full   # an existing full-size run
+    python benchmarks/sizes.py --run digits=runs/digits       # an existing digits run
 
 Runs and results are kept under ``--work-dir`` (default ``runs/sizes``): a second call
 trains and evaluates only what is missing.
@@ -79,8 +80,11 @@ def random_init(run: Path, seed: int, out: Path) -> Path:
 
 
 def newest_result(net: Path, protocol: str) -> dict:
-    """The result file ``eval`` wrote last for ``protocol`` (its name depends on the data flags)."""
-    return json.loads(max((net / "eval").glob(f"{protocol}*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
+    """The result file ``eval`` wrote last for ``protocol`` on the run's own feature (its name
+    depends on the data flags; ``PROTOCOL-FEATURE*.json``, written by ``--feature``, are others)."""
+    files = [p for p in (net / "eval").glob(f"{protocol}*.json")
+             if p.name == f"{protocol}.json" or p.name.startswith(f"{protocol}--")]
+    return json.loads(max(files, key=lambda p: p.stat().st_mtime_ns).read_text())
 
 
 def score(net: Path, data_flags: list[str]) -> dict[str, float]:
@@ -103,7 +107,7 @@ def run_size(name: str, slug: str, train_flags: list[str], data_flags: list[str]
     rd = RunDir(run)
     cfg, metrics = rd.read_config(), rd.read_metrics()
     row = {"name": name, "run": str(run), "images": cfg.size.images or 0,
-           "k": cfg.cluster.k, "pca_dim": cfg.cluster.pca_dim, "epochs": cfg.optim.epochs,
+           "k": cfg.cluster.k, "pca_dim": cfg.cluster.pca_dim, "feature": cfg.cluster.feature, "epochs": cfg.optim.epochs,
            "batch_size": cfg.optim.batch_size, "lr": cfg.optim.lr,
            "train_minutes": sum(m.get("epoch_s", 0.0) for m in metrics) / 60,
            "rankme_first": metrics[0].get("rankme"), "rankme_last": metrics[-1].get("rankme")}
@@ -131,13 +135,14 @@ def verdict(row: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | N | k / PCA / batch / lr / epochs | train min | kNN DC | kNN random (3 seeds) | NMI DC | NMI random | "
+    lines = ["| data | N | k / PCA / batch / lr / epochs / feature | train min | kNN DC | kNN random (3 seeds) | NMI DC | NMI random | "
              "ACC DC | ACC random | kNN not below | NMI above |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         v, dc = r["verdict"], r["deepcluster"]
         rnd = r["random"]
         lines.append(
             f"| {r['name']} | {r['images']:,} | {r['k']} / {r['pca_dim']} / {r['batch_size']} / {r['lr']:g} / {r['epochs']} "
+            f"/ {r.get('feature', 'fc7')} "
             f"| {r['train_minutes']:.1f} | {100 * dc['knn']:.1f} | {100 * v['knn']['random_mean']:.1f} ± "
             f"{100 * v['knn']['noise']:.1f} | {dc['nmi']:.3f} ± {dc['nmi_sd']:.3f} | "
             f"{v['nmi']['random_mean']:.3f} ({', '.join(format(x['nmi'], '.3f') for x in rnd)}) | "
@@ -151,24 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1000,2000,5000,10000,60000", help="Fashion-MNIST subsets (60000: all)")
     p.add_argument("--no-digits", action="store_true", help="skip the second data set")
-    p.add_argument("--run", action="append", default=[], metavar="N=DIR", help="use an existing run for size N")
+    p.add_argument("--run", action="append", default=[], metavar="N=DIR",
+                   help="use an existing run for size N (or 'digits=DIR' for the second data set)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "sizes")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "sizes")
     args = p.parse_args(argv)
     from machine import machine_info, machine_line
 
-    given = {int(k): Path(v) for k, v in (x.split("=", 1) for x in args.run)}
+    given = {k: Path(v) for k, v in (x.split("=", 1) for x in args.run)}
     args.work_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in [int(x) for x in args.sizes.split(",") if x]:
         flags = [] if n == 60000 else ["--subset", str(n)]
         row = run_size(f"Fashion-MNIST {n:,}", f"fmnist-{n}", flags, ["--data", "fashion-mnist", *flags], args.work_dir,
-                       given.get(n))
+                       given.get(str(n)))
         rows.append(row)
     if not args.no_digits:
         digits = write_digits(args.work_dir / "digits-data")
         flags = ["--data", "folder", "--data-root", str(digits)]
-        row = run_size("digits (scikit-learn)", "digits", [*flags, "--image-size", "28"], flags, args.work_dir, None)
+        row = run_size("digits (scikit-learn)", "digits", [*flags, "--image-size", "28"], flags, args.work_dir,
+                       given.get("digits"))
         rows.append(row)
     for row in rows:
         row["verdict"] = verdict(row)

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from deepcluster.config import PRESETS, SizeConfig, apply_size_rule, config_from_saved, resolve
-from deepcluster.sizing import (MIN_STEPS_PER_EPOCH, REFERENCE_IMAGES, rule_batch, rule_k, rule_pca_dim, rule_steps,
-                                size_rule)
+from deepcluster.sizing import (BACKBONE_BELOW, MIN_STEPS_PER_EPOCH, REFERENCE_IMAGES, rule_batch, rule_feature, rule_k,
+                                rule_pca_dim, rule_steps, size_rule)
 
 SIZES = (1, 9, 10, 100, 500, 1000, 1797, 2000, 5000, 10000, 60000, 1_281_167)
 
@@ -17,7 +17,7 @@ SIZES = (1, 9, 10, 100, 500, 1000, 1797, 2000, 5000, 10000, 60000, 1_281_167)
 def test_at_the_reference_size_the_rule_gives_the_preset_s_values():
     cfg = resolve(preset="small-images", overrides={"size": {"rule": "off"}})
     r = size_rule(REFERENCE_IMAGES)
-    assert r == {"cluster": {"k": cfg.cluster.k, "pca_dim": cfg.cluster.pca_dim},
+    assert r == {"cluster": {"k": cfg.cluster.k, "pca_dim": cfg.cluster.pca_dim, "feature": cfg.cluster.feature},
                  "optim": {"epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size, "lr": cfg.optim.lr}}
     assert PRESETS["small-images"]["size"] == {"rule": "auto"} and PRESETS["paper"] == {}
 
@@ -29,9 +29,13 @@ def test_hand_computed_values():
     assert rule_k(50) == 5 and rule_k(9) == 1  # never more than N / 10 clusters (at least 1)
     assert [rule_pca_dim(n) for n in (100, 1000, 2000, 5000, 12800, 60000)] == [8, 20, 40, 100, 256, 256]
     assert [rule_batch(n) for n in (500, 1000, 2000, 5000, 8000, 8193, 60000)] == [32, 32, 64, 128, 256, 256, 256]
-    assert size_rule(2000) == {"cluster": {"k": 18, "pca_dim": 40},
+    assert size_rule(2000) == {"cluster": {"k": 18, "pca_dim": 40, "feature": "backbone"},
                                "optim": {"epochs": 48, "batch_size": 64, "lr": 0.0125}}
     assert rule_steps(2000) == 48 * 32 and rule_steps(60000) == 48 * 235
+    # below 30,000 images the conv stack's output is clustered, from there on fc7 (the paper's)
+    assert BACKBONE_BELOW == 30_000
+    assert [rule_feature(n) for n in (1, 1797, 10000, 29_999, 30_000, 60000, 1_281_167)] == \
+        ["backbone"] * 4 + ["fc7"] * 3
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -71,6 +75,7 @@ def test_apply_fills_what_the_user_did_not_set_and_records_it():
     sized, note = apply_size_rule(cfg, 2000)
     assert (sized.cluster.k, sized.cluster.pca_dim, sized.optim.batch_size, sized.optim.epochs) == (7, 40, 64, 48)
     assert sized.optim.lr == pytest.approx(0.0125) and sized.size.images == 2000
+    assert sized.cluster.feature == "backbone" and "feature backbone" in note
     assert "2,000 images" in note and "kept as you set them: cluster.k 7 (rule: 18)" in note
     # applied once: a resumed run (config.yaml says images: 2000) keeps its values
     again, note2 = apply_size_rule(config_from_saved(sized.to_dict()), 50)
@@ -86,6 +91,20 @@ def test_a_config_file_pins_what_it_sets(tmp_path):
     assert cfg.size.pinned == "optim.batch_size,optim.lr"
     sized, _ = apply_size_rule(cfg, 2000)
     assert (sized.optim.lr, sized.optim.batch_size, sized.optim.epochs, sized.cluster.k) == (0.2, 256, 192, 18)
+
+
+def test_the_feature_is_kept_where_the_user_or_the_head_needs_fc7():
+    # pinned by a flag: kept, the rule's value beside it
+    sized, note = apply_size_rule(resolve(preset="small-images", overrides={"cluster": {"feature": "fc7"}}), 2000)
+    assert sized.cluster.feature == "fc7" and "cluster.feature fc7 (rule: backbone)" in note
+    # the centroid head scores fc7 against the centroids: the rule does not break it
+    cfg = resolve(preset="small-images", overrides={"optim": {"head": "centroids"}})
+    sized, note = apply_size_rule(cfg, 2000)
+    assert sized.cluster.feature == "fc7" and "optim.head centroids scores fc7" in note
+    from deepcluster.strategies import choose_head
+    choose_head(sized)  # a valid combination
+    # at and above the switch the rule gives fc7 whatever the head
+    assert apply_size_rule(resolve(preset="small-images"), 30_000)[0].cluster.feature == "fc7"
 
 
 def test_the_paper_preset_and_rule_off_change_nothing():

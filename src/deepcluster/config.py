@@ -376,14 +376,17 @@ def apply_size_rule(cfg: Config, n: int) -> tuple[Config, str | None]:
     batch = cfg.optim.batch_size if "optim.batch_size" in pinned else None
     d = cfg.to_dict()
     chosen, kept = [], []
-    show = lambda key, value: f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"  # noqa: E731
+    fmt = lambda value: f"{value:g}" if isinstance(value, float) else str(value)  # noqa: E731
     for section, values in size_rule(n, batch).items():
         for key, value in values.items():
-            if f"{section}.{key}" not in pinned:
+            name = f"{section}.{key}"
+            if name == "cluster.feature" and value == "backbone" and d["optim"]["head"] == "centroids":
+                kept.append(f"{name} {d[section][key]} (rule: backbone; optim.head centroids scores fc7)")
+            elif name not in pinned:
                 d[section][key] = value
-                chosen.append(show(key, value))
+                chosen.append(f"{key} {fmt(value)}")
             else:  # the user's value, and the rule's beside it
-                kept.append(f"{show(f'{section}.{key}', d[section][key])} (rule: {value:g})")
+                kept.append(f"{name} {fmt(d[section][key])} (rule: {fmt(value)})")
     d["size"]["images"] = n
     note = (f"size rule ({describe(n)}): {', '.join(chosen) or 'nothing'} chosen from N"
             + (f"; kept as you set them: {', '.join(sorted(kept))}" if kept else ""))

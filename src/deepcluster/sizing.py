@@ -34,7 +34,16 @@ MIN_STEPS_PER_EPOCH = 32
 shrinks (to at least :data:`MIN_BATCH`) so that each clustering is trained on for long
 enough; the learning rate follows the batch linearly."""
 
-SIZED_KEYS = ("cluster.k", "cluster.pca_dim", "optim.epochs", "optim.batch_size", "optim.lr")
+BACKBONE_BELOW = 30_000
+"""Below this many images the run clusters (and offers as its features) the conv stack's
+output instead of fc7. fc6 and fc7 start from random weights and are trained only on the
+pseudo-labels of N images: at 2,000-10,000 Fashion-MNIST images they over-fit them, and
+fc7's kNN ended 1.9-2.5 points below the random network's while the conv stack's output
+ended above the random network's (experiments/SIZES.md, section 7). At 60,000 fc7 is 3.1
+points above it. The switch sits between the largest size measured failing (10,000) and
+the reference (60,000); sizes in between were not measured."""
+
+SIZED_KEYS = ("cluster.k", "cluster.pca_dim", "cluster.feature", "optim.epochs", "optim.batch_size", "optim.lr")
 """The settings :func:`size_rule` chooses (``section.key``)."""
 
 
@@ -44,6 +53,12 @@ def rule_k(n: int) -> int:
     paper's 10,000 clusters for 1.3M images do, slower than N)."""
     k = round(REFERENCE_K * math.sqrt(n / REFERENCE_IMAGES))
     return int(max(1, min(max(MIN_K, k), n // 10)))
+
+
+def rule_feature(n: int) -> str:
+    """What is clustered: ``backbone`` (the conv stack's output) below :data:`BACKBONE_BELOW`
+    images, else ``fc7`` (the paper's)."""
+    return "backbone" if n < BACKBONE_BELOW else "fc7"
 
 
 def rule_pca_dim(n: int) -> int:
@@ -80,7 +95,8 @@ def size_rule(n: int, batch_size: int | None = None) -> dict[str, dict[str, Any]
     batch = rule_batch(n)
     lr = REFERENCE_LR * batch / REFERENCE_BATCH
     epochs = max(1, math.ceil(rule_steps(n) / steps_per_epoch(n, batch_size or batch)))
-    return {"cluster": {"k": rule_k(n), "pca_dim": rule_pca_dim(n)}, "optim": {"epochs": epochs, "batch_size": batch, "lr": lr}}
+    return {"cluster": {"k": rule_k(n), "pca_dim": rule_pca_dim(n), "feature": rule_feature(n)},
+            "optim": {"epochs": epochs, "batch_size": batch, "lr": lr}}
 
 
 def rule_text() -> str:
@@ -88,7 +104,7 @@ def rule_text() -> str:
     return (f"k = {REFERENCE_K} sqrt(N / {REFERENCE_IMAGES:,}) in [{MIN_K}, N / 10], PCA N / {IMAGES_PER_PCA_DIM} in "
             f"[{MIN_PCA_DIM}, {REFERENCE_PCA_DIM}], batch {REFERENCE_BATCH} halved until an epoch has "
             f"{MIN_STEPS_PER_EPOCH} steps (at least {MIN_BATCH}), lr {REFERENCE_LR:g} x batch / {REFERENCE_BATCH}, "
-            f"{REFERENCE_EPOCHS} epochs")
+            f"{REFERENCE_EPOCHS} epochs, clustering the conv stack's output instead of fc7 below {BACKBONE_BELOW:,} images")
 
 
 def describe(n: int) -> str:
@@ -96,4 +112,4 @@ def describe(n: int) -> str:
     r = size_rule(n)
     o = r["optim"]
     return (f"{n:,} images: k {r['cluster']['k']}, PCA {r['cluster']['pca_dim']}, {o['epochs']} epochs = {rule_steps(n):,} steps of "
-            f"{o['batch_size']}, lr {o['lr']:g}")
+            f"{o['batch_size']}, lr {o['lr']:g}, clustering {r['cluster']['feature']}")

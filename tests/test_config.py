@@ -58,6 +58,19 @@ def test_augmentation_and_dropout_ranges(d, match):
         config_from_dict(d)
 
 
+def test_channels_last_is_the_default_and_can_be_switched_off():
+    import argparse
+
+    from deepcluster.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_parser(parser.add_subparsers())
+    layout = lambda *flags: resolve(overrides=cli_train.flags_to_overrides(  # noqa: E731
+        parser.parse_args(["train", *flags]), cli_train.TRAIN_FLAGS)).run.channels_last
+    assert layout() is True and layout("--channels-last") is True and layout("--no-channels-last") is False
+    assert resolve(preset="small-images").run.channels_last is True
+
+
 def test_augmentation_flags_reach_the_config_and_the_transform():
     import argparse
 

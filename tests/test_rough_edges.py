@@ -171,7 +171,7 @@ def test_train_help_shows_each_default_from_the_config(capsys):
     sized = "small-images: from the number of images, see --preset"  # deepcluster.sizing
     for flag, shown in (("--epochs", f"5; {sized}"), ("--batch-size", f"256; {sized}"), ("--weight-decay", "1e-05"),
                         ("--crop-scale", "0.08 1; small-images: 0.5 1"), ("--no-sobel", "off"),
-                        ("--labels", "folders"), ("--channels-last", "off; small-images: on")):
+                        ("--labels", "folders"), ("--channels-last", "on"), ("--no-channels-last", "off")):
         assert _flag_help(parser, flag).endswith(f" (default: {shown})"), flag
     assert f"(default: 5; {sized})" in " ".join(_help(["train", "--help"], capsys).split())
     # Every flag whose config default is set shows it, none shows "None", and the flags

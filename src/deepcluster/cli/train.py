@@ -240,6 +240,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "(CUDA only, with a grad scaler), auto (bf16 where native, else float32)")
     g.add_argument("--channels-last", action="store_const", const=True,
                    help="channels_last memory format (faster convolutions on GPU and CPU)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                   help="contiguous memory format instead of channels_last")
     g.add_argument("--sync-bn", action="store_const", const=True,
                    help="synchronise batch-norm statistics across GPUs (CUDA only; helps with small per-GPU batches)")
     g.add_argument("--dist-timeout", type=float,

@@ -163,8 +163,8 @@ class RunConfig:
     (bf16 where the device computes it natively: recent GPUs, CPUs with AVX512-BF16/AMX)."""
     channels_last: bool = True
     """channels_last memory format for the network and its inputs: faster convolutions on the
-    CPU (a paper-preset epoch on 60k images 1.23x faster on a 2-core AMD EPYC, extraction
-    1.5x; docs/BENCHMARKS.md) and on GPUs; ``False`` (``--no-channels-last``): contiguous."""
+    CPU (a paper-preset epoch on 60k images 1.17x faster on a 2-core AMD EPYC, extraction
+    1.2-1.5x; docs/BENCHMARKS.md) and on GPUs; ``False`` (``--no-channels-last``): contiguous."""
     sync_bn: bool = False
     """SyncBatchNorm across ranks under torch.distributed (CUDA only)."""
     dist_timeout: float = 1800.0
@@ -226,8 +226,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Chosen by the measured ablations and full runs of experiments/ABLATION.md: no dropout in
     # fc6/fc7 and milder crops were the first one-at-a-time changes that improved the k-NN
     # score of the features (10k images); cosine decay kept more of their k-means
-    # structure; bfloat16 (where native; channels_last is every preset's default) trains twice as fast, so 48 epochs
-    # fit the 60-minute budget of a 2-core CPU on 60k images; colour jitter (NMI) and the
+    # structure; bfloat16 (where native; with channels_last, every preset's default) trains
+    # twice as fast, so 48 epochs fit the 60-minute budget of a 2-core CPU on 60k images; colour jitter (NMI) and the
     # matched head (kNN) came in with the sixth round's full run (55 min measured).
     "small-images": {
         "model": {"dropout": 0.0},

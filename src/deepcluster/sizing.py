@@ -5,7 +5,9 @@ The ``small-images`` preset was tuned on the 60,000 Fashion-MNIST training image
 features worse than the random network it started from: 100 clusters of 20 images and
 8 SGD steps an epoch over-fit the pseudo-labels. :func:`size_rule` scales what depends
 on N from that reference point, so that the preset is unchanged at N = 60,000 and
-follows the data below (and above) it. The measurements that chose the rule are in
+follows the data below (and above) it; below :data:`BACKBONE_BELOW` images it also
+clusters the conv stack's output instead of fc7, whose fully connected layers over-fit
+the pseudo-labels of a few thousand images. The measurements that chose the rule are in
 docs/RESULTS.md ("Any size of data set") and experiments/SIZES.md.
 
 Pure functions of N: no I/O, no imports of the package (``tests/test_sizing.py``).

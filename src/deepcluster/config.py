@@ -227,8 +227,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # fc6/fc7 and milder crops were the first one-at-a-time changes that improved the k-NN
     # score of the features (10k images); cosine decay kept more of their k-means
     # structure; bfloat16 (where native; with channels_last, every preset's default) trains
-    # twice as fast, so 48 epochs fit the 60-minute budget of a 2-core CPU on 60k images; colour jitter (NMI) and the
-    # matched head (kNN) came in with the sixth round's full run (55 min measured).
+    # twice as fast, so 48 epochs fit the 60-minute budget of a 2-core CPU on 60k images;
+    # colour jitter (NMI) and the matched head (kNN) came in with the sixth round's full run
+    # (55 min measured).
     "small-images": {
         "model": {"dropout": 0.0},
         "augment": {"crop_scale": [0.5, 1.0], "jitter": 1.0},

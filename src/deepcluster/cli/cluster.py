@@ -5,6 +5,7 @@ Examples::
     deepcluster cluster runs/fashion-mnist --k 10
     deepcluster cluster runs/fashion-mnist --k 10 --method leiden -o groups.csv
     deepcluster cluster runs/fashion-mnist --k 10 --method merge      # the run's own clusters, merged
+    deepcluster cluster runs/fashion-mnist --k 10 --method scan-net --split test --save-network runs/fm-scan10
 
 The features are the ones ``deepcluster eval clusters`` clusters (the run's clustering
 feature of its data set's images, cached under ``RUN/eval/cache``); the methods are those
@@ -23,7 +24,8 @@ from . import add_run_command
 
 logger = logging.getLogger("deepcluster")
 
-METHODS_HELP = "kmeans (default), spectral, leiden, umap-gmm, umap-kmeans, merge or scan"
+METHODS_HELP = ("kmeans (default), spectral, leiden, umap-gmm, umap-kmeans, merge, scan (on the frozen features) "
+                "or scan-net (SCAN fine-tuning the network on the images grouped)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="do not cache features under eval/cache/")
+    g = p.add_argument_group("scan-net (SCAN through the network; docs/CLUSTERS.md)")
+    g.add_argument("--epochs", type=int, default=None, help="SCAN-step epochs (default 8)")
+    g.add_argument("--selflabel-epochs", type=int, default=None,
+                   help="self-labelling epochs (default 4; 0 skips it)")
+    g.add_argument("--save-network", metavar="DIR_OR_PT",
+                   help="write the fine-tuned network (head at K) as a checkpoint that every `eval` reads")
     p.set_defaults(func=cmd_cluster)
 
 
@@ -63,6 +71,36 @@ def _fine_assignments(ctx, n: int, split: str):
         raise ValueError(f"--method merge needs the images the run clustered: --split train on a run trained on "
                          f"the whole training split (the run clustered {len(last)} images, here {n})")
     return last
+
+
+def _scan_net(args: argparse.Namespace, ctx, source, x):
+    """``--method scan-net``: fine-tune a copy of the run's network on the images grouped."""
+    import torch
+
+    from ..checkpoint import save_checkpoint, saved_config
+    from ..data import train_transform_from
+    from ..eval.baselines import _baseline_state, _target
+    from ..eval.context import machine_info
+    from ..runtime import resolve_amp
+    from ..scan_net import scan_network
+
+    cfg = saved_config(ctx.state, str(args.run))
+    out = _target(args.save_network) if args.save_network else None  # an unwritable target fails before the work
+    amp = resolve_amp(cfg.run.amp, torch.device(args.device))
+    amp = amp if amp in ("none", "bf16") else "none"
+    opts = {n: getattr(args, n) for n in ("epochs", "selflabel_epochs") if getattr(args, n) is not None}
+    res, net = scan_network(ctx.model, source, x, args.k, spec=ctx.data.spec,
+                            weak=train_transform_from(ctx.data.spec, cfg.augment), seed=args.seed,
+                            device=args.device, amp=amp, channels_last=cfg.run.channels_last,
+                            workers=args.workers, **opts)
+    if out is not None:
+        save_checkpoint(_baseline_state(ctx.state, net, "scan-net", int(ctx.state.get("epoch", 0)), {
+            "source_checkpoint": str(args.run), "train_seconds": res.seconds, "scan_net": {
+                "k": args.k, "seed": args.seed, "split": args.split, "images": len(source), "amp": amp,
+                **{k: v for k, v in res.info.items() if k != "scan_losses"}},
+            "machine": {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}}), out)
+        logger.info("scan-net: fine-tuned network written to %s", out)
+    return res
 
 
 def _csv_text(images: list[str], res) -> str:
@@ -91,9 +129,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, workers=args.workers, cache=args.cache)
     feature = ctx.encoder.feature(args.feature)
     x = np.asarray(ctx.store.get(args.split, [feature])[feature], dtype=np.float32)
-    opts = {"fine_assignments": _fine_assignments(ctx, len(x), args.split)} if args.method == "merge" else {}
-    res = final_clustering(x, args.k, args.method, seed=args.seed, **opts)
     source = ctx.data.source(args.split)
+    if args.method == "scan-net":
+        res = _scan_net(args, ctx, source, x)
+    else:
+        for flag in ("epochs", "selflabel_epochs", "save_network"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} is an option of --method scan-net only")
+        opts = {"fine_assignments": _fine_assignments(ctx, len(x), args.split)} if args.method == "merge" else {}
+        res = final_clustering(x, args.k, args.method, seed=args.seed, **opts)
     out = Path(args.output) if args.output else \
         results_dir_for(args.run) / f"final-{args.method}-k{args.k}-{args.split}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

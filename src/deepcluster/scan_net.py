@@ -1,0 +1,286 @@
+"""SCAN through the network: the final clustering stage that fine-tunes the run's network.
+
+Van Gansbeke et al., "SCAN: Learning to Classify Images without Labels", ECCV 2020, as
+the paper runs it on CIFAR/STL (the whole network updated), on the images to be grouped:
+
+1. **Mining**: the 20 nearest neighbours of every image in the run's own clustering
+   feature (L2-normalised, exact faiss search), computed once before any update.
+2. **SCAN step**: ``SCAN_NET_HEADS`` linear heads at ``K`` read the network's fc7 (as its
+   DeepCluster head does); the network and the heads are trained on the SCAN loss
+   (:func:`deepcluster.clustering.scan.scan_loss`) of an augmented anchor and an
+   augmented neighbour drawn at random. The augmentation is the run's own training one
+   (the paper's "standard" augmentation: crops, flips). Then the head with the lowest
+   SCAN loss over all images and all their neighbours (clean views) is kept.
+3. **Self-labelling**: images whose weak view the kept head puts above probability 0.99
+   are trained with cross-entropy, class-balanced over the confident images (the
+   paper's ``ConfidenceBasedCE``), to predict that group from a *strong* view: the weak
+   augmentation, then RandAugment (4 operations) and a square Cutout of a quarter of the
+   image (the paper's strong augmentation).
+4. The groups are the kept head's argmax on the clean view of every image; the
+   confidence its largest probability.
+
+No label enters anywhere: :func:`scan_network` takes none. Every setting is fixed once
+from the SCAN paper's released CIFAR configurations (``configs/scan``,
+``configs/selflabel``: Adam, lr 1e-4, weight decay 1e-4, batch 128, 20 neighbours,
+entropy weight 5, threshold 0.99) except the numbers of epochs, which are set by the
+CPU budget (docs/CLUSTERS.md) and not by any score. Runs under its own seeded random
+stream (the global torch generator is restored afterwards); with ``workers=0`` the
+same inputs and seed give the same groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from .clustering.final import FinalClusteringError, FinalClusters, _finish, _neighbors, _prepare
+from .clustering.scan import SCAN_ENTROPY_WEIGHT, SCAN_NEIGHBORS, SELFLABEL_THRESHOLD, scan_loss
+from .data import IndexedDataset, cluster_transform
+from .data.sources import ImageSource
+from .data.transforms import ImageSpec
+from .features import eval_mode, make_loader
+from .models import DeepClusterNet
+from .runtime import autocast, progress, to_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCAN_NET_EPOCHS", "SELFLABEL_NET_EPOCHS", "scan_network", "strong_transform"]
+
+# The SCAN paper's CIFAR/STL configurations (whole network trained).
+SCAN_NET_HEADS = 10            # num_heads 10, lowest SCAN loss kept
+SCAN_NET_BATCH = 128           # batch_size 128 anchors (each with one neighbour)
+SCAN_NET_LR = 1e-4             # Adam, lr 1e-4, weight decay 1e-4 (SCAN and self-label steps)
+SCAN_NET_WEIGHT_DECAY = 1e-4
+STRONG_OPS = 4                 # RandAugment operations of the strong view (num_strong_augs 4)
+CUTOUT_AREA = 0.25             # Cutout: a square of half the side (length 16 of 32 px)
+# Set by the CPU budget (docs/CLUSTERS.md), not by a score: the paper trains 50-100 SCAN
+# and 200 self-label epochs on a GPU.
+SCAN_NET_EPOCHS = 8
+SELFLABEL_NET_EPOCHS = 4
+
+
+def strong_transform(weak: T.Compose) -> T.Compose:
+    """The self-labelling's strong view: ``weak``'s image operations, then RandAugment
+    (``STRONG_OPS`` operations), then ``weak``'s tensor conversion, then a Cutout (a
+    zeroed square of ``CUTOUT_AREA`` of the image, always applied)."""
+    ops = list(weak.transforms)
+    at = next((i for i, op in enumerate(ops) if isinstance(op, T.ToTensor)), None)
+    if at is None:
+        raise ValueError("the weak transform has no ToTensor step to insert RandAugment before")
+    ops.insert(at, T.RandAugment(num_ops=STRONG_OPS))
+    ops.append(T.RandomErasing(p=1.0, scale=(CUTOUT_AREA, CUTOUT_AREA), ratio=(1.0, 1.0), value=0))
+    return T.Compose(ops)
+
+
+class _Pairs(Dataset):
+    """Item ``t``: the views of image ``first[t]`` and of image ``second[t]`` (each through
+    its own transform), and ``t``."""
+
+    def __init__(self, source: ImageSource, first: np.ndarray, second: np.ndarray, t1, t2) -> None:
+        self.source, self.first, self.second, self.t1, self.t2 = source, first, second, t1, t2
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, t: int):
+        a = self.source.load(int(self.first[t]))
+        b = a if self.second[t] == self.first[t] else self.source.load(int(self.second[t]))
+        return self.t1(a), self.t2(b), t
+
+
+def _count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise FinalClusteringError(f"scan-net: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _probs(model: DeepClusterNet, fc7: torch.Tensor, heads: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Float32 softmax probabilities of every head on ``fc7``."""
+    return [nnf.softmax(model.forward_head(fc7, h).float(), 1) for h in heads]
+
+
+@torch.no_grad()
+def _clean_fc7(model: DeepClusterNet, source: ImageSource, spec: ImageSpec, device: torch.device, amp: str,
+               channels_last: bool, workers: int, batch: int = 512) -> torch.Tensor:
+    """fc7 (before its ReLU) of every image's clean view, eval mode, float32 ``(N, fc_dim)`` on the CPU."""
+    loader = make_loader(IndexedDataset(source, cluster_transform(spec)), batch, workers)
+    out = torch.empty(len(source), model.fc_dim)
+    with eval_mode(model):
+        for images, idx in loader:
+            with autocast(device, amp):
+                f = model.forward_fc7(to_device(images, device, channels_last))
+            out[idx] = f.float().cpu()
+    return out
+
+
+@torch.no_grad()
+def _head_losses(model: DeepClusterNet, fc7: torch.Tensor, heads: Sequence[nn.Module], nbrs: torch.Tensor,
+                 entropy_weight: float) -> list[float]:
+    """SCAN loss of every head over all (image, neighbour) pairs, clean views."""
+    out = []
+    for p in _probs(model, fc7, heads):
+        cols = [scan_loss(p, p[nbrs[:, c]], entropy_weight)[0] for c in range(nbrs.shape[1])]
+        out.append(float(torch.stack(cols).mean()))
+    return out
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=SCAN_NET_LR, weight_decay=SCAN_NET_WEIGHT_DECAY)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FinalClusteringError(f"scan-net: the loss became {float(loss)}; the network's weights are not "
+                                   "usable (nothing was written)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _scan_epochs(model, heads, source, nbrs, weak, epochs, batch, entropy_weight, device, amp, channels_last,
+                 workers, seed) -> list[float]:
+    """The SCAN step; returns the mean training loss of each epoch."""
+    n, m = nbrs.shape
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = _adam(params)
+    losses = []
+    for epoch in range(epochs):
+        anchors = torch.randperm(n).numpy()
+        partners = nbrs[torch.from_numpy(anchors), torch.randint(m, (n,))].numpy()
+        loader = make_loader(_Pairs(source, anchors, partners, weak, weak), batch, workers,
+                             seed=seed * 1000 + epoch, drop_last=n > batch)
+        model.train()
+        total, steps = 0.0, 0
+        for a, b, _ in progress(loader, desc=f"scan-net {epoch}"):
+            x = to_device(torch.cat([a, b]), device, channels_last)
+            with autocast(device, amp):
+                probs = _probs(model, model.forward_fc7(x), heads)
+            loss = sum(scan_loss(p[:len(a)], p[len(a):], entropy_weight)[0] for p in probs)
+            _step(opt, loss)
+            total, steps = total + float(loss.detach()) / len(heads), steps + 1
+        losses.append(total / max(steps, 1))
+        logger.info("scan-net: SCAN epoch %d/%d, mean loss per head %.4f", epoch + 1, epochs, losses[-1])
+    return losses
+
+
+def _selflabel_epochs(model, head, source, weak, strong, epochs, batch, threshold, device, amp, channels_last,
+                      workers, seed) -> list[int]:
+    """Self-labelling; returns the confident images seen in each epoch."""
+    n = len(source)
+    opt = _adam(list(model.parameters()) + list(head.parameters()))
+    seen = []
+    for epoch in range(epochs):
+        order = torch.randperm(n).numpy()
+        loader = make_loader(_Pairs(source, order, order, weak, strong), batch, workers,
+                             seed=seed * 1000 + 500 + epoch, drop_last=n > batch)
+        model.train()
+        confident = 0
+        for w, s, _ in progress(loader, desc=f"self-label {epoch}"):
+            with torch.no_grad(), autocast(device, amp):
+                p = nnf.softmax(model.forward_head(model.forward_fc7(to_device(w, device, channels_last)), head).float(), 1)
+            conf, target = p.max(1)
+            keep = conf > threshold
+            if not bool(keep.any()):
+                continue
+            target = target[keep]
+            counts = torch.bincount(target, minlength=p.shape[1]).float()
+            weight = torch.where(counts > 0, keep.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+            with autocast(device, amp):
+                logits = model.forward_head(model.forward_fc7(to_device(s[keep], device, channels_last)), head)
+            _step(opt, nnf.cross_entropy(logits.float(), target, weight=weight))
+            confident += int(keep.sum())
+        seen.append(confident)
+        logger.info("scan-net: self-label epoch %d/%d, %d confident images trained on", epoch + 1, epochs, confident)
+    return seen
+
+
+def scan_network(model: DeepClusterNet, source: ImageSource, features: np.ndarray, k: int, *, spec: ImageSpec,
+                 weak: T.Compose, seed: int = 0, epochs: int = SCAN_NET_EPOCHS,
+                 selflabel_epochs: int = SELFLABEL_NET_EPOCHS, n_heads: int = SCAN_NET_HEADS,
+                 n_neighbors: int = SCAN_NEIGHBORS, batch_size: int = SCAN_NET_BATCH,
+                 entropy_weight: float = SCAN_ENTROPY_WEIGHT, threshold: float = SELFLABEL_THRESHOLD,
+                 device: str | torch.device = "cpu", amp: str = "none", channels_last: bool = False,
+                 workers: int = 0) -> tuple[FinalClusters, DeepClusterNet]:
+    """SCAN with the network fine-tuned: the images of ``source`` in ``k`` groups.
+
+    Args:
+        model: the run's network; it is not modified (a copy is trained).
+        source: the images to group (no labels are read).
+        features: ``(N, D)`` the run's clustering feature of those images (neighbours).
+        k: groups ``K``, ``1 <= K <= N``.
+        spec: the images' size and normalisation (the clean view).
+        weak: the weak augmentation (the run's training transform, ending in ToTensor,
+            Normalize); the strong view is :func:`strong_transform` of it.
+        seed: seeds the heads, the batches, the neighbour draws and the augmentations.
+        epochs: SCAN-step passes over the images; selflabel_epochs: self-labelling
+            passes (0 skips it).
+        n_heads, n_neighbors, batch_size, entropy_weight, threshold: as the SCAN paper.
+        device, amp, channels_last, workers: where and how the network runs.
+
+    Returns:
+        ``(clusters, network)``: :class:`FinalClusters` (``confidence`` = the kept head's
+        largest probability; ``distance`` in the fine-tuned network's L2-normalised fc7)
+        and the fine-tuned copy of the network, whose ``head`` is the kept head at ``K``.
+    """
+    t0 = time.perf_counter()
+    z = _prepare(features, k, True, "scan-net")
+    if z.shape[0] != len(source):
+        raise FinalClusteringError(f"scan-net: {z.shape[0]} feature rows for {len(source)} images")
+    if z.shape[0] < 2:
+        raise FinalClusteringError(f"scan-net: needs at least 2 images, got {z.shape[0]}")
+    epochs, selflabel_epochs = _count("epochs", epochs, 0), _count("selflabel_epochs", selflabel_epochs, 0)
+    n_heads, batch_size = _count("n_heads", n_heads, 1), _count("batch_size", batch_size, 1)
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise FinalClusteringError(f"scan-net: threshold must be in [0, 1], got {threshold!r}")
+    device = torch.device(device)
+    nbrs = torch.from_numpy(_neighbors(z, n_neighbors))
+    strong = strong_transform(weak)
+    net = copy.deepcopy(model).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        heads = nn.ModuleList(net.new_head(k, generator=g) for _ in range(n_heads)).to(device)
+        logger.info("scan-net: %d images, K=%d, %d neighbours, %d heads; %d SCAN + %d self-label epochs",
+                    len(source), k, nbrs.shape[1], n_heads, epochs, selflabel_epochs)
+        scan_losses = _scan_epochs(net, heads, source, nbrs, weak, epochs, batch_size, entropy_weight, device, amp,
+                                   channels_last, workers, seed)
+        fc7 = _clean_fc7(net, source, spec, device, amp, channels_last, workers)
+        head_losses = _head_losses(net, fc7.to(device), heads, nbrs.to(device), entropy_weight)
+        best = int(np.argmin(head_losses))
+        head = heads[best]
+        with torch.no_grad():
+            before = int((_probs(net, fc7.to(device), [head])[0].max(1).values > threshold).sum())
+        seen = _selflabel_epochs(net, head, source, weak, strong, selflabel_epochs, batch_size, threshold, device,
+                                 amp, channels_last, workers, seed)
+        fc7 = _clean_fc7(net, source, spec, device, amp, channels_last, workers)
+        with torch.no_grad():
+            p = _probs(net, fc7.to(device), [head])[0].double().cpu().numpy()
+    net.head = head
+    net.eval()
+    for q in net.parameters():
+        q.requires_grad_(False)
+    labels = p.argmax(1)
+    feat = fc7.numpy()
+    feat = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+    info = {"scan_losses": scan_losses, "head_losses": head_losses, "head": best, "confident_before": before,
+            "confident_seen": seen, "confident_after": int((p.max(1) > threshold).sum()),
+            "n_neighbors": int(nbrs.shape[1]), "epochs": epochs, "selflabel_epochs": selflabel_epochs}
+    if not math.isfinite(float(p.sum())):
+        raise FinalClusteringError("scan-net: the fine-tuned network gives NaN probabilities")
+    return _finish(feat, labels, k, p.max(1), "scan-net", t0, info), net

@@ -19,7 +19,7 @@ from deepcluster.data import train_transform_from
 from deepcluster.data.sources import ImageSource
 from deepcluster.eval import open_checkpoint
 from deepcluster.checkpoint import saved_config
-from deepcluster.scan_net import CUTOUT_AREA, scan_network, strong_transform
+from deepcluster.scan_net import CUTOUT_AREA, prototypes, scan_network, strong_transform
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_labels_never_enter_and_the_run_is_repeatable(ctx):
     before = copy.deepcopy(ctx.model.state_dict())
     res, net = _run(ctx, source)
     # threshold 0: every image is a prototype, so the self-labelling stage did train
-    assert res.info["confident_seen"] == [192] and res.info["epochs"] == 1
+    assert res.info["prototypes"] == [240] and res.info["epochs"] == 1 and len(res.info["sizes"]) == 2
     assert res.assignments.shape == (240,) and set(np.unique(res.assignments)) <= set(range(4))
     assert np.all((res.confidence >= 0.25 - 1e-9) & (res.confidence <= 1.0))
     # the same images with shuffled labels, and with no labels at all: the same groups
@@ -75,6 +75,18 @@ def test_labels_never_enter_and_the_run_is_repeatable(ctx):
     changed = [k for k, v in net.state_dict().items() if k in before and v.shape == before[k].shape
                and v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("features.") for k in changed)  # the conv stack was fine-tuned, not just heads
+
+
+def test_prototypes_are_the_confident_images_and_each_groups_most_confident():
+    p = np.array([[.995, .005], [.9, .1], [.8, .2], [.3, .7], [.4, .6], [.45, .55]])
+    # quota ceil(0.5 * 6 / 2) = 2 per group: group 0 -> 0 (also above 0.99), 1; group 1 -> 3, 4
+    np.testing.assert_array_equal(prototypes(p, 0.99), [0, 1, 3, 4])
+    np.testing.assert_array_equal(prototypes(p, 0.99, share=1 / 6), [0, 3])  # quota 1
+    np.testing.assert_array_equal(prototypes(p, 0.5, share=1 / 6), [0, 1, 2, 3, 4, 5])  # all above threshold
+    q = np.array([[.999, .001]] * 3 + [[.6, .4]])  # group 1 empty; quota 1
+    np.testing.assert_array_equal(prototypes(q, 0.99), [0, 1, 2])
+    ties = np.array([[.7, .3]] * 4)  # equal confidences: the first members by index
+    np.testing.assert_array_equal(prototypes(ties, 0.99), [0])
 
 
 def test_another_seed_gives_another_training(ctx):

@@ -65,6 +65,7 @@ SCAN_NET_LR = 1e-4             # Adam, lr 1e-4, weight decay 1e-4 (SCAN and self
 SCAN_NET_WEIGHT_DECAY = 1e-4
 STRONG_OPS = 4                 # RandAugment operations of the strong view (num_strong_augs 4)
 CUTOUT_AREA = 0.25             # Cutout: a square of half the side (length 16 of 32 px)
+PROTOTYPE_SHARE = 0.5          # per group, its ceil(0.5 N / K) most confident members are prototypes (SPICE)
 # Set by the CPU budget (docs/CLUSTERS.md), not by a score: the paper trains 50-100 SCAN
 # and 200 self-label epochs on a GPU.
 SCAN_NET_EPOCHS = 8
@@ -175,35 +176,56 @@ def _scan_epochs(model, heads, source, nbrs, weak, epochs, batch, entropy_weight
     return losses
 
 
-def _selflabel_epochs(model, head, source, weak, strong, epochs, batch, threshold, device, amp, channels_last,
-                      workers, seed) -> list[int]:
-    """Self-labelling; returns the confident images seen in each epoch."""
-    n = len(source)
+def prototypes(p: np.ndarray, threshold: float, share: float = PROTOTYPE_SHARE) -> np.ndarray:
+    """The self-labelling's prototypes from clean-view probabilities ``p`` ``(N, K)``:
+    the indices (sorted) of the images above ``threshold`` (SCAN) together with, in every
+    group, its ``ceil(share * N / K)`` most confident members (SPICE's per-group
+    selection), so that no group that still has members is left without prototypes."""
+    n, k = p.shape
+    group, conf = p.argmax(1), p.max(1)
+    keep = conf > threshold
+    quota = math.ceil(share * n / k)
+    for c in range(k):
+        members = np.flatnonzero(group == c)
+        if members.size:
+            keep[members[np.argsort(-conf[members], kind="stable")[:quota]]] = True
+    return np.flatnonzero(keep)
+
+
+def _selflabel_epochs(model, head, source, spec, weak, strong, epochs, batch, threshold, device, amp,
+                      channels_last, workers, seed) -> tuple[list[int], list[list[int]], torch.Tensor, np.ndarray]:
+    """Self-labelling: each epoch, the prototypes (:func:`prototypes`) and their groups are
+    taken from the clean views, then the network and ``head`` are trained with
+    class-balanced cross-entropy from strong views of them. Returns the prototypes of
+    each epoch, the group sizes (clean views) before each epoch and after the last, and
+    the last clean-view fc7 ``(N, fc_dim)`` and probabilities ``(N, K)`` float64."""
     opt = _adam(list(model.parameters()) + list(head.parameters()))
-    seen = []
-    for epoch in range(epochs):
-        order = torch.randperm(n).numpy()
-        loader = make_loader(_Pairs(source, order, order, weak, strong), batch, workers,
-                             seed=seed * 1000 + 500 + epoch, drop_last=n > batch)
+    seen, sizes = [], []
+    for epoch in range(epochs + 1):
+        fc7 = _clean_fc7(model, source, spec, device, amp, channels_last, workers)
+        with torch.no_grad():
+            p = _probs(model, fc7.to(device), [head])[0].double().cpu().numpy()
+        sizes.append(np.bincount(p.argmax(1), minlength=p.shape[1]).tolist())
+        if epoch == epochs:
+            break
+        chosen = prototypes(p, threshold)
+        target = torch.from_numpy(p[chosen].argmax(1))
+        counts = torch.bincount(target, minlength=p.shape[1]).float()
+        weight = torch.where(counts > 0, len(chosen) / counts.clamp_min(1), torch.zeros_like(counts)).to(device)
+        order = torch.randperm(len(chosen)).numpy()
+        images = chosen[order]
+        labels = target[torch.from_numpy(order)]
+        loader = make_loader(_Pairs(source, images, images, strong, strong), batch, workers,
+                             seed=seed * 1000 + 500 + epoch, drop_last=len(images) > batch)
         model.train()
-        confident = 0
-        for w, s, _ in progress(loader, desc=f"self-label {epoch}"):
-            with torch.no_grad(), autocast(device, amp):
-                p = nnf.softmax(model.forward_head(model.forward_fc7(to_device(w, device, channels_last)), head).float(), 1)
-            conf, target = p.max(1)
-            keep = conf > threshold
-            if not bool(keep.any()):
-                continue
-            target = target[keep]
-            counts = torch.bincount(target, minlength=p.shape[1]).float()
-            weight = torch.where(counts > 0, keep.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+        for s, _, t in progress(loader, desc=f"self-label {epoch}"):
             with autocast(device, amp):
-                logits = model.forward_head(model.forward_fc7(to_device(s[keep], device, channels_last)), head)
-            _step(opt, nnf.cross_entropy(logits.float(), target, weight=weight))
-            confident += int(keep.sum())
-        seen.append(confident)
-        logger.info("scan-net: self-label epoch %d/%d, %d confident images trained on", epoch + 1, epochs, confident)
-    return seen
+                logits = model.forward_head(model.forward_fc7(to_device(s, device, channels_last)), head)
+            _step(opt, nnf.cross_entropy(logits.float(), labels[t].to(device), weight=weight))
+        seen.append(int(len(chosen)))
+        logger.info("scan-net: self-label epoch %d/%d on %d prototypes; group sizes before it %s", epoch + 1,
+                    epochs, len(chosen), sizes[-1])
+    return seen, sizes, fc7, p
 
 
 def scan_network(model: DeepClusterNet, source: ImageSource, features: np.ndarray, k: int, *, spec: ImageSpec,
@@ -264,13 +286,8 @@ def scan_network(model: DeepClusterNet, source: ImageSource, features: np.ndarra
         head_losses = _head_losses(net, fc7.to(device), heads, nbrs.to(device), entropy_weight)
         best = int(np.argmin(head_losses))
         head = heads[best]
-        with torch.no_grad():
-            before = int((_probs(net, fc7.to(device), [head])[0].max(1).values > threshold).sum())
-        seen = _selflabel_epochs(net, head, source, weak, strong, selflabel_epochs, batch_size, threshold, device,
-                                 amp, channels_last, workers, seed)
-        fc7 = _clean_fc7(net, source, spec, device, amp, channels_last, workers)
-        with torch.no_grad():
-            p = _probs(net, fc7.to(device), [head])[0].double().cpu().numpy()
+        seen, sizes, fc7, p = _selflabel_epochs(net, head, source, spec, weak, strong, selflabel_epochs,
+                                                batch_size, threshold, device, amp, channels_last, workers, seed)
     net.head = head
     net.eval()
     for q in net.parameters():
@@ -278,8 +295,8 @@ def scan_network(model: DeepClusterNet, source: ImageSource, features: np.ndarra
     labels = p.argmax(1)
     feat = fc7.numpy()
     feat = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
-    info = {"scan_losses": scan_losses, "head_losses": head_losses, "head": best, "confident_before": before,
-            "confident_seen": seen, "confident_after": int((p.max(1) > threshold).sum()),
+    info = {"scan_losses": scan_losses, "head_losses": head_losses, "head": best, "sizes": sizes,
+            "prototypes": seen, "confident_after": int((p.max(1) > threshold).sum()),
             "n_neighbors": int(nbrs.shape[1]), "epochs": epochs, "selflabel_epochs": selflabel_epochs}
     if not math.isfinite(float(p.sum())):
         raise FinalClusteringError("scan-net: the fine-tuned network gives NaN probabilities")

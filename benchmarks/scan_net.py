@@ -93,10 +93,11 @@ def main() -> None:
           f"\n| checkpoint | seeds | NMI | ACC | wall s |\n|---|---|---|---|---|\n"
           f"| {args.checkpoint} | {len(runs)} | {summary['nmi']:.3f} ± {summary['nmi_sd']:.3f} "
           f"| {summary['acc']:.3f} ± {summary['acc_sd']:.3f} | {summary['seconds']:.0f} ± {summary['seconds_sd']:.0f} |")
-    print(machine_line())
+    info = machine_info()
+    print(machine_line(info))
     result = {"checkpoint": str(args.checkpoint), "k": K, "split": "test", "epochs": args.epochs,
               "selflabel_epochs": args.selflabel_epochs, "runs": runs, "summary": summary,
-              "machine": machine_info(), "command": " ".join(sys.argv)}
+              "machine": info, "command": " ".join(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=1, default=float) + "\n")
     print(args.out)

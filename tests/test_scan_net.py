@@ -19,7 +19,8 @@ from deepcluster.data import train_transform_from
 from deepcluster.data.sources import ImageSource
 from deepcluster.eval import open_checkpoint
 from deepcluster.checkpoint import saved_config
-from deepcluster.scan_net import CUTOUT_AREA, prototypes, scan_network, strong_transform
+from deepcluster.scan_net import (CUTOUT_AREA, SCAN_NET_EPOCHS, SELFLABEL_NET_EPOCHS, prototypes, scan_network,
+                                  strong_transform)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,11 @@ def test_cli_errors_are_one_line(tiny_run, capsys, args, message):
     assert main(["cluster", str(tiny_run), "--k", "3", *args, "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_cli_help_states_the_module_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["cluster", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"SCAN-step epochs (default {SCAN_NET_EPOCHS})" in out
+    assert f"self-labelling epochs (default {SELFLABEL_NET_EPOCHS}; 0 skips it)" in out

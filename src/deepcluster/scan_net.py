@@ -68,7 +68,7 @@ CUTOUT_AREA = 0.25             # Cutout: a square of half the side (length 16 of
 PROTOTYPE_SHARE = 0.5          # per group, its ceil(0.5 N / K) most confident members are prototypes (SPICE)
 # Set by the CPU budget (docs/CLUSTERS.md), not by a score: the paper trains 50-100 SCAN
 # and 200 self-label epochs on a GPU.
-SCAN_NET_EPOCHS = 8
+SCAN_NET_EPOCHS = 16
 SELFLABEL_NET_EPOCHS = 4
 
 

@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="do not cache features under eval/cache/")
     g = p.add_argument_group("scan-net (SCAN through the network; docs/CLUSTERS.md)")
-    g.add_argument("--epochs", type=int, default=None, help="SCAN-step epochs (default 8)")
+    g.add_argument("--epochs", type=int, default=None, help="SCAN-step epochs (default 16)")
     g.add_argument("--selflabel-epochs", type=int, default=None,
                    help="self-labelling epochs (default 4; 0 skips it)")
     g.add_argument("--save-network", metavar="DIR_OR_PT",

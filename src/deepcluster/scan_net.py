@@ -11,19 +11,21 @@ the paper runs it on CIFAR/STL (the whole network updated), on the images to be 
    augmented neighbour drawn at random. The augmentation is the run's own training one
    (the paper's "standard" augmentation: crops, flips). Then the head with the lowest
    SCAN loss over all images and all their neighbours (clean views) is kept.
-3. **Self-labelling**: images whose weak view the kept head puts above probability 0.99
-   are trained with cross-entropy, class-balanced over the confident images (the
-   paper's ``ConfidenceBasedCE``), to predict that group from a *strong* view: the weak
-   augmentation, then RandAugment (4 operations) and a square Cutout of a quarter of the
-   image (the paper's strong augmentation).
+3. **Self-labelling**: each epoch, the prototypes (:func:`prototypes`: the images the
+   kept head puts above probability 0.99 on their clean view, and every group's most
+   confident members) are trained with cross-entropy, class-balanced over the
+   prototypes (the paper's ``ConfidenceBasedCE``), to predict their group from a
+   *strong* view: the weak augmentation, then RandAugment (4 operations) and a square
+   Cutout of a quarter of the image (the paper's strong augmentation).
 4. The groups are the kept head's argmax on the clean view of every image; the
    confidence its largest probability.
 
 No label enters anywhere: :func:`scan_network` takes none. Every setting is fixed once
 from the SCAN paper's released CIFAR configurations (``configs/scan``,
 ``configs/selflabel``: Adam, lr 1e-4, weight decay 1e-4, batch 128, 20 neighbours,
-entropy weight 5, threshold 0.99) except the numbers of epochs, which are set by the
-CPU budget (docs/CLUSTERS.md) and not by any score. Runs under its own seeded random
+entropy weight 5, threshold 0.99) except the per-group prototype share (SPICE's) and
+the numbers of epochs, short for the CPU budget, 16 SCAN epochs chosen on the validation
+part of the training split (experiments/CLUSTERS-scan-net.md). Runs under its own seeded random
 stream (the global torch generator is restored afterwards); with ``workers=0`` the
 same inputs and seed give the same groups.
 """
@@ -33,10 +35,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import numbers
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,12 +45,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from .clustering import l2_normalize
 from .clustering.final import FinalClusteringError, FinalClusters, _finish, _neighbors, _prepare
-from .clustering.scan import SCAN_ENTROPY_WEIGHT, SCAN_NEIGHBORS, SELFLABEL_THRESHOLD, scan_loss
+from .clustering.scan import (SCAN_ENTROPY_WEIGHT, SCAN_NEIGHBORS, SELFLABEL_THRESHOLD, check_count, neighbour_loss,
+                              scan_loss)
 from .data import IndexedDataset, cluster_transform
 from .data.sources import ImageSource
 from .data.transforms import ImageSpec
-from .features import eval_mode, make_loader
+from .features import eval_mode, extract, make_loader
 from .models import DeepClusterNet
 from .runtime import autocast, progress, to_device
 
@@ -66,8 +68,8 @@ SCAN_NET_WEIGHT_DECAY = 1e-4
 STRONG_OPS = 4                 # RandAugment operations of the strong view (num_strong_augs 4)
 CUTOUT_AREA = 0.25             # Cutout: a square of half the side (length 16 of 32 px)
 PROTOTYPE_SHARE = 0.5          # per group, its ceil(0.5 N / K) most confident members are prototypes (SPICE)
-# Set by the CPU budget (docs/CLUSTERS.md), not by a score: the paper trains 50-100 SCAN
-# and 200 self-label epochs on a GPU.
+# Short for the CPU budget (the paper trains 50-100 SCAN and 200 self-label epochs on a
+# GPU); 16 rather than 8 SCAN epochs chosen on the validation images (experiments/CLUSTERS-scan-net.md).
 SCAN_NET_EPOCHS = 16
 SELFLABEL_NET_EPOCHS = 4
 
@@ -101,53 +103,35 @@ class _Pairs(Dataset):
         return self.t1(a), self.t2(b), t
 
 
-def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise FinalClusteringError(f"scan-net: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _probs(model: DeepClusterNet, fc7: torch.Tensor, heads: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Float32 softmax probabilities of every head on ``fc7``."""
     return [nnf.softmax(model.forward_head(fc7, h).float(), 1) for h in heads]
 
 
-@torch.no_grad()
 def _clean_fc7(model: DeepClusterNet, source: ImageSource, spec: ImageSpec, device: torch.device, amp: str,
                channels_last: bool, workers: int, batch: int = 512) -> torch.Tensor:
-    """fc7 (before its ReLU) of every image's clean view, eval mode, float32 ``(N, fc_dim)`` on the CPU."""
+    """fc7 (before its ReLU) of every image's clean view, eval mode, float32 ``(N, fc_dim)``
+    on the CPU (the one extraction path, :func:`deepcluster.features.extract`)."""
     loader = make_loader(IndexedDataset(source, cluster_transform(spec)), batch, workers)
-    out = torch.empty(len(source), model.fc_dim)
     with eval_mode(model):
-        for images, idx in loader:
-            with autocast(device, amp):
-                f = model.forward_fc7(to_device(images, device, channels_last))
-            out[idx] = f.float().cpu()
-    return out
-
-
-@torch.no_grad()
-def _head_losses(model: DeepClusterNet, fc7: torch.Tensor, heads: Sequence[nn.Module], nbrs: torch.Tensor,
-                 entropy_weight: float) -> list[float]:
-    """SCAN loss of every head over all (image, neighbour) pairs, clean views."""
-    out = []
-    for p in _probs(model, fc7, heads):
-        cols = [scan_loss(p, p[nbrs[:, c]], entropy_weight)[0] for c in range(nbrs.shape[1])]
-        out.append(float(torch.stack(cols).mean()))
-    return out
+        return torch.from_numpy(extract(model.forward_fc7, loader, len(source), model.fc_dim, device, amp,
+                                        channels_last, desc="scan-net extract"))
 
 
 def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=SCAN_NET_LR, weight_decay=SCAN_NET_WEIGHT_DECAY)
 
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise FinalClusteringError(f"scan-net: the loss became {float(loss)}; the network's weights are not "
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimiser step on ``loss``; returns its value (the step's one host sync)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FinalClusteringError(f"scan-net: the loss became {value}; the network's weights are not "
                                    "usable (nothing was written)")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    return value
 
 
 def _scan_epochs(model, heads, source, nbrs, weak, epochs, batch, entropy_weight, device, amp, channels_last,
@@ -169,8 +153,7 @@ def _scan_epochs(model, heads, source, nbrs, weak, epochs, batch, entropy_weight
             with autocast(device, amp):
                 probs = _probs(model, model.forward_fc7(x), heads)
             loss = sum(scan_loss(p[:len(a)], p[len(a):], entropy_weight)[0] for p in probs)
-            _step(opt, loss)
-            total, steps = total + float(loss.detach()) / len(heads), steps + 1
+            total, steps = total + _step(opt, loss) / len(heads), steps + 1
         losses.append(total / max(steps, 1))
         logger.info("scan-net: SCAN epoch %d/%d, mean loss per head %.4f", epoch + 1, epochs, losses[-1])
     return losses
@@ -192,17 +175,19 @@ def prototypes(p: np.ndarray, threshold: float, share: float = PROTOTYPE_SHARE) 
     return np.flatnonzero(keep)
 
 
-def _selflabel_epochs(model, head, source, spec, weak, strong, epochs, batch, threshold, device, amp,
+def _selflabel_epochs(model, head, fc7, source, spec, strong, epochs, batch, threshold, device, amp,
                       channels_last, workers, seed) -> tuple[list[int], list[list[int]], torch.Tensor, np.ndarray]:
     """Self-labelling: each epoch, the prototypes (:func:`prototypes`) and their groups are
-    taken from the clean views, then the network and ``head`` are trained with
+    taken from the clean views (``fc7``: those of the network as it starts; later epochs
+    extract their own), then the network and ``head`` are trained with
     class-balanced cross-entropy from strong views of them. Returns the prototypes of
     each epoch, the group sizes (clean views) before each epoch and after the last, and
     the last clean-view fc7 ``(N, fc_dim)`` and probabilities ``(N, K)`` float64."""
     opt = _adam(list(model.parameters()) + list(head.parameters()))
     seen, sizes = [], []
     for epoch in range(epochs + 1):
-        fc7 = _clean_fc7(model, source, spec, device, amp, channels_last, workers)
+        if epoch:
+            fc7 = _clean_fc7(model, source, spec, device, amp, channels_last, workers)
         with torch.no_grad():
             p = _probs(model, fc7.to(device), [head])[0].double().cpu().numpy()
         sizes.append(np.bincount(p.argmax(1), minlength=p.shape[1]).tolist())
@@ -262,8 +247,10 @@ def scan_network(model: DeepClusterNet, source: ImageSource, features: np.ndarra
         raise FinalClusteringError(f"scan-net: {z.shape[0]} feature rows for {len(source)} images")
     if z.shape[0] < 2:
         raise FinalClusteringError(f"scan-net: needs at least 2 images, got {z.shape[0]}")
-    epochs, selflabel_epochs = _count("epochs", epochs, 0), _count("selflabel_epochs", selflabel_epochs, 0)
-    n_heads, batch_size = _count("n_heads", n_heads, 1), _count("batch_size", batch_size, 1)
+    epochs, selflabel_epochs, n_heads, batch_size = (
+        check_count(name, value, low, "scan-net") for name, value, low in
+        (("epochs", epochs, 0), ("selflabel_epochs", selflabel_epochs, 0), ("n_heads", n_heads, 1),
+         ("batch_size", batch_size, 1)))
     if not 0.0 <= float(threshold) <= 1.0:
         raise FinalClusteringError(f"scan-net: threshold must be in [0, 1], got {threshold!r}")
     device = torch.device(device)
@@ -283,21 +270,18 @@ def scan_network(model: DeepClusterNet, source: ImageSource, features: np.ndarra
         scan_losses = _scan_epochs(net, heads, source, nbrs, weak, epochs, batch_size, entropy_weight, device, amp,
                                    channels_last, workers, seed)
         fc7 = _clean_fc7(net, source, spec, device, amp, channels_last, workers)
-        head_losses = _head_losses(net, fc7.to(device), heads, nbrs.to(device), entropy_weight)
+        head_losses = [neighbour_loss(p, nbrs.to(device), entropy_weight)
+                       for p in _probs(net, fc7.to(device), heads)]
         best = int(np.argmin(head_losses))
         head = heads[best]
-        seen, sizes, fc7, p = _selflabel_epochs(net, head, source, spec, weak, strong, selflabel_epochs,
+        seen, sizes, fc7, p = _selflabel_epochs(net, head, fc7, source, spec, strong, selflabel_epochs,
                                                 batch_size, threshold, device, amp, channels_last, workers, seed)
     net.head = head
     net.eval()
     for q in net.parameters():
         q.requires_grad_(False)
     labels = p.argmax(1)
-    feat = fc7.numpy()
-    feat = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
     info = {"scan_losses": scan_losses, "head_losses": head_losses, "head": best, "sizes": sizes,
             "prototypes": seen, "confident_after": int((p.max(1) > threshold).sum()),
             "n_neighbors": int(nbrs.shape[1]), "epochs": epochs, "selflabel_epochs": selflabel_epochs}
-    if not math.isfinite(float(p.sum())):
-        raise FinalClusteringError("scan-net: the fine-tuned network gives NaN probabilities")
-    return _finish(feat, labels, k, p.max(1), "scan-net", t0, info), net
+    return _finish(l2_normalize(fc7.numpy()), labels, k, p.max(1), "scan-net", t0, info), net

@@ -142,14 +142,19 @@ def _train_scan(model: ScanHeads, x: torch.Tensor, nbrs: torch.Tensor, epochs: i
 
 
 @torch.no_grad()
+def neighbour_loss(p: torch.Tensor, nbrs: torch.Tensor, entropy_weight: float) -> float:
+    """SCAN loss of probabilities ``p`` ``(N, K)`` over all ``N m`` (row, neighbour) pairs
+    of ``nbrs`` ``(N, m)``: the mean over the ``m`` neighbour columns (the entropy term is
+    the same in each). How a head is chosen among several, here and in
+    :mod:`deepcluster.scan_net`."""
+    per_column = [scan_loss(p, p[nbrs[:, c]], entropy_weight)[0] for c in range(nbrs.shape[1])]
+    return float(torch.stack(per_column).mean())
+
+
+@torch.no_grad()
 def _head_losses(model: ScanHeads, x: torch.Tensor, nbrs: torch.Tensor, entropy_weight: float) -> list[float]:
-    """SCAN loss of every head over all ``N m`` (row, neighbour) pairs, no augmentation:
-    the mean over the ``m`` neighbour columns (the entropy term is the same in each)."""
-    out = []
-    for p in (nnf.softmax(o, 1) for o in model(x)):
-        per_column = [scan_loss(p, p[nbrs[:, c]], entropy_weight)[0] for c in range(nbrs.shape[1])]
-        out.append(float(torch.stack(per_column).mean()))
-    return out
+    """:func:`neighbour_loss` of every head on rows ``x``, no augmentation."""
+    return [neighbour_loss(nnf.softmax(o, 1), nbrs, entropy_weight) for o in model(x)]
 
 
 def _self_label(head: nn.Linear, x: torch.Tensor, epochs: int, batch: int,
@@ -174,10 +179,10 @@ def _self_label(head: nn.Linear, x: torch.Tensor, epochs: int, batch: int,
     return start
 
 
-def _check_count(name: str, value: int, low: int = 1) -> int:
-    """``value`` as an int, or a one-line error naming the option ``name``."""
+def check_count(name: str, value: int, low: int = 1, method: str = "scan") -> int:
+    """``value`` as an int, or a one-line error naming the ``method`` and the option ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise FinalClusteringError(f"scan: {name} must be an integer >= {low}, got {value!r}")
+        raise FinalClusteringError(f"{method}: {name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
@@ -218,9 +223,9 @@ def final_scan(x: np.ndarray, k: int, seed: int = 0, *, n_neighbors: int = SCAN_
     z = _prepare(x, k, normalize, "scan")
     if z.shape[0] < 2:
         raise FinalClusteringError(f"scan: needs at least 2 rows, got {z.shape[0]}")
-    n_heads, epochs, batch_size = (_check_count(n, v) for n, v in
+    n_heads, epochs, batch_size = (check_count(n, v) for n, v in
                                    (("n_heads", n_heads), ("epochs", epochs), ("batch_size", batch_size)))
-    selflabel_epochs = _check_count("selflabel_epochs", selflabel_epochs, 0)
+    selflabel_epochs = check_count("selflabel_epochs", selflabel_epochs, 0)
     if not _real(threshold) or not 0.0 <= threshold <= 1.0:
         raise FinalClusteringError(f"scan: threshold must be in [0, 1], got {threshold!r}")
     if not _real(entropy_weight) or not (math.isfinite(entropy_weight) and entropy_weight >= 0):

@@ -49,7 +49,7 @@ from .clustering import l2_normalize
 from .clustering.final import FinalClusteringError, FinalClusters, _finish, _neighbors, _prepare
 from .clustering.scan import (SCAN_ENTROPY_WEIGHT, SCAN_NEIGHBORS, SELFLABEL_THRESHOLD, check_count, neighbour_loss,
                               scan_loss)
-from .data import IndexedDataset, cluster_transform
+from .data import IndexedDataset, LabelledDataset, cluster_transform
 from .data.sources import ImageSource
 from .data.transforms import ImageSpec
 from .features import eval_mode, extract, make_loader
@@ -88,19 +88,18 @@ def strong_transform(weak: T.Compose) -> T.Compose:
 
 
 class _Pairs(Dataset):
-    """Item ``t``: the views of image ``first[t]`` and of image ``second[t]`` (each through
-    its own transform), and ``t``."""
+    """Item ``t``: a view of image ``anchors[t]`` and one of image ``partners[t]``
+    (independent draws of ``transform``)."""
 
-    def __init__(self, source: ImageSource, first: np.ndarray, second: np.ndarray, t1, t2) -> None:
-        self.source, self.first, self.second, self.t1, self.t2 = source, first, second, t1, t2
+    def __init__(self, source: ImageSource, anchors: np.ndarray, partners: np.ndarray, transform) -> None:
+        self.source, self.anchors, self.partners, self.transform = source, anchors, partners, transform
 
     def __len__(self) -> int:
-        return len(self.first)
+        return len(self.anchors)
 
     def __getitem__(self, t: int):
-        a = self.source.load(int(self.first[t]))
-        b = a if self.second[t] == self.first[t] else self.source.load(int(self.second[t]))
-        return self.t1(a), self.t2(b), t
+        return (self.transform(self.source.load(int(self.anchors[t]))),
+                self.transform(self.source.load(int(self.partners[t]))))
 
 
 def _probs(model: DeepClusterNet, fc7: torch.Tensor, heads: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -144,11 +143,11 @@ def _scan_epochs(model, heads, source, nbrs, weak, epochs, batch, entropy_weight
     for epoch in range(epochs):
         anchors = torch.randperm(n).numpy()
         partners = nbrs[torch.from_numpy(anchors), torch.randint(m, (n,))].numpy()
-        loader = make_loader(_Pairs(source, anchors, partners, weak, weak), batch, workers,
+        loader = make_loader(_Pairs(source, anchors, partners, weak), batch, workers,
                              seed=seed * 1000 + epoch, drop_last=n > batch)
         model.train()
         total, steps = 0.0, 0
-        for a, b, _ in progress(loader, desc=f"scan-net {epoch}"):
+        for a, b in progress(loader, desc=f"scan-net {epoch}"):
             x = to_device(torch.cat([a, b]), device, channels_last)
             with autocast(device, amp):
                 probs = _probs(model, model.forward_fc7(x), heads)
@@ -194,19 +193,17 @@ def _selflabel_epochs(model, head, fc7, source, spec, strong, epochs, batch, thr
         if epoch == epochs:
             break
         chosen = prototypes(p, threshold)
-        target = torch.from_numpy(p[chosen].argmax(1))
-        counts = torch.bincount(target, minlength=p.shape[1]).float()
+        group = p.argmax(1)  # every image's group; only the prototypes' are read
+        counts = torch.bincount(torch.from_numpy(group[chosen]), minlength=p.shape[1]).float()
         weight = torch.where(counts > 0, len(chosen) / counts.clamp_min(1), torch.zeros_like(counts)).to(device)
-        order = torch.randperm(len(chosen)).numpy()
-        images = chosen[order]
-        labels = target[torch.from_numpy(order)]
-        loader = make_loader(_Pairs(source, images, images, strong, strong), batch, workers,
+        images = chosen[torch.randperm(len(chosen)).numpy()]
+        loader = make_loader(LabelledDataset(source, strong, labels=group, indices=images), batch, workers,
                              seed=seed * 1000 + 500 + epoch, drop_last=len(images) > batch)
         model.train()
-        for s, _, t in progress(loader, desc=f"self-label {epoch}"):
+        for s, target in progress(loader, desc=f"self-label {epoch}"):
             with autocast(device, amp):
                 logits = model.forward_head(model.forward_fc7(to_device(s, device, channels_last)), head)
-            _step(opt, nnf.cross_entropy(logits.float(), labels[t].to(device), weight=weight))
+            _step(opt, nnf.cross_entropy(logits.float(), target.to(device), weight=weight))
         seen.append(int(len(chosen)))
         logger.info("scan-net: self-label epoch %d/%d on %d prototypes; group sizes before it %s", epoch + 1,
                     epochs, len(chosen), sizes[-1])

@@ -39,6 +39,11 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def machine_record() -> dict[str, str | int]:
+    """:func:`machine_info` as a checkpoint keeps it: its string and integer values only."""
+    return {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}
+
+
 def machine_line(info: dict[str, Any]) -> str:
     """One line for a document: ``2026-11-27 03:50 UTC: AMD EPYC, 2 cores, no GPU; Python ...``."""
     try:

@@ -79,13 +79,13 @@ def _scan_net(args: argparse.Namespace, ctx, source, x):
 
     from ..checkpoint import save_checkpoint, saved_config
     from ..data import train_transform_from
-    from ..eval.baselines import _baseline_state, _target
-    from ..eval.context import machine_info
+    from ..eval.baselines import checkpoint_target, derived_state
+    from ..machine import machine_record
     from ..runtime import resolve_amp
     from ..scan_net import scan_network
 
     cfg = saved_config(ctx.state, str(args.run))
-    out = _target(args.save_network) if args.save_network else None  # an unwritable target fails before the work
+    out = checkpoint_target(args.save_network) if args.save_network else None  # an unwritable target fails before the work
     amp = resolve_amp(cfg.run.amp, torch.device(args.device))
     amp = amp if amp in ("none", "bf16") else "none"
     opts = {n: getattr(args, n) for n in ("epochs", "selflabel_epochs") if getattr(args, n) is not None}
@@ -94,11 +94,11 @@ def _scan_net(args: argparse.Namespace, ctx, source, x):
                             device=args.device, amp=amp, channels_last=cfg.run.channels_last,
                             workers=args.workers, **opts)
     if out is not None:
-        save_checkpoint(_baseline_state(ctx.state, net, "scan-net", int(ctx.state.get("epoch", 0)), {
+        save_checkpoint(derived_state(ctx.state, net, "scan-net", int(ctx.state.get("epoch", 0)), {
             "source_checkpoint": str(args.run), "train_seconds": res.seconds, "scan_net": {
                 "k": args.k, "seed": args.seed, "split": args.split, "images": len(source), "amp": amp,
                 **{k: v for k, v in res.info.items() if k != "scan_losses"}},
-            "machine": {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}}), out)
+            "machine": machine_record()}), out)
         logger.info("scan-net: fine-tuned network written to %s", out)
     return res
 

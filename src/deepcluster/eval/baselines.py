@@ -27,14 +27,16 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint, saved_config
 from ..data import LabelledDataset, Subset, build_source, image_spec, subset_indices, train_transform_from
 from ..runtime import resolve_amp
-from .context import machine_info
+from ..machine import machine_record
 from .nettrain import fresh_model, train_network
 from .splits import require_labels
 
 logger = logging.getLogger(__name__)
 
 
-def _target(output: str | Path) -> Path:
+def checkpoint_target(output: str | Path) -> Path:
+    """The checkpoint file for ``output``: ``output`` itself if it ends in ``.pt``, else
+    ``output/checkpoint.pt``; its folder is created (an unwritable place fails now)."""
     out = Path(output)
     if out.suffix != ".pt":
         out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,10 @@ def _target(output: str | Path) -> Path:
     return out
 
 
-def _baseline_state(state: dict[str, Any], model, method: str, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+def derived_state(state: dict[str, Any], model, method: str, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of ``model`` made from the run checkpoint ``state`` (a baseline, a
+    fine-tuned copy): the run's meta and config, ``meta.method = method``, ``meta.k`` the
+    model's head, and ``extra``'s keys."""
     meta = dict(state.get("meta", {}))
     meta.update({"method": method, "k": int(model.num_clusters)})
     return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta,
@@ -60,11 +65,11 @@ def make_random_init(checkpoint: str | Path, output: str | Path, seed: int | Non
     """
     state = load_checkpoint(checkpoint)
     model = fresh_model(state, seed=seed)
-    out = _target(output)
+    out = checkpoint_target(output)
     extra = {"source_checkpoint": str(checkpoint), "train_seconds": 0.0}
     if seed is not None:
         extra["init_seed"] = seed
-    save_checkpoint(_baseline_state(state, model, "random", 0, extra), out)
+    save_checkpoint(derived_state(state, model, "random", 0, extra), out)
     logger.info("random-init baseline of %s written to %s", checkpoint, out)
     return out
 
@@ -115,9 +120,9 @@ def train_supervised(checkpoint: str | Path, output: str | Path, *, epochs: int 
                           trainable="all", seed=cfg.run.seed, device=device, workers=workers, desc="supervised",
                           amp=amp)
     seconds = time.perf_counter() - t0
-    out = _target(output)
-    save_checkpoint(_baseline_state(state, model, "supervised", epochs, {
+    out = checkpoint_target(output)
+    save_checkpoint(derived_state(state, model, "supervised", epochs, {
         "source_checkpoint": str(checkpoint), "train_seconds": seconds, "train_images": len(source),
-        "train_stats": stats, "amp": amp, "machine": {k: v for k, v in machine_info().items() if isinstance(v, (str, int))}}), out)
+        "train_stats": stats, "amp": amp, "machine": machine_record()}), out)
     logger.info("supervised baseline written to %s (%.0f s, last-pass loss %.3f)", out, seconds, stats["loss"])
     return out

@@ -86,13 +86,10 @@ def main() -> None:
     for m in ("nmi", "acc", "seconds", "cpu_seconds", *(("knn",) if args.knn else ())):
         v = np.array([r[m] for r in runs], dtype=np.float64)
         summary[m], summary[f"{m}_sd"] = float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-    print(f"\n| checkpoint | seeds | NMI | ACC | wall s | kNN |\n|---|---|---|---|---|---|\n"
-          f"| {args.checkpoint} | {len(runs)} | {summary['nmi']:.3f} ± {summary['nmi_sd']:.3f} "
-          f"| {summary['acc']:.3f} ± {summary['acc_sd']:.3f} | {summary['seconds']:.0f} ± {summary['seconds_sd']:.0f} "
-          f"| {summary['knn']:.4f} ± {summary['knn_sd']:.4f} |" if args.knn else
-          f"\n| checkpoint | seeds | NMI | ACC | wall s |\n|---|---|---|---|---|\n"
-          f"| {args.checkpoint} | {len(runs)} | {summary['nmi']:.3f} ± {summary['nmi_sd']:.3f} "
-          f"| {summary['acc']:.3f} ± {summary['acc_sd']:.3f} | {summary['seconds']:.0f} ± {summary['seconds_sd']:.0f} |")
+    cells = [str(args.checkpoint), str(len(runs)), *(f"{summary[m]:.{d}f} ± {summary[m + '_sd']:.{d}f}" for m, d in
+                                                    (("nmi", 3), ("acc", 3), ("seconds", 0), ("knn", 4)) if m in summary)]
+    heads = ["checkpoint", "seeds", "NMI", "ACC", "wall s", "kNN"][:len(cells)]
+    print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads) + "\n| " + " | ".join(cells) + " |")
     info = machine_info()
     print(machine_line(info))
     result = {"checkpoint": str(args.checkpoint), "k": K, "split": "test", "epochs": args.epochs,
